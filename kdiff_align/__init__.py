@@ -1,0 +1,9 @@
+"""kdiff_align: k-diffusion-style sampling primitives and inference-time alignment methods."""
+from . import cond, external, image, sampling, schedules, testing, utils
+from .cond import cfg_denoiser, condition_denoiser
+from .image import from_latent_to_pil, from_pil, from_pil_to_latent, get_init_latent, to_pil
+from .sampling import ode_step, odeint, oderevert, sde_step, sdeint
+from .schedules import (append_zero, get_sigmas_exponential, get_sigmas_karras, get_sigmas_polyexponential,
+                        get_sigmas_vp, revert_sigmas)
+
+__version__ = "0.1.0"

@@ -1,0 +1,271 @@
+"""Integrators of the probability-flow ODE and of reverse SDEs, in k-diffusion's conventions.
+
+Every sampler has the signature ``sampler(model, x, sigmas, *, extra_args=None, callback=None,
+disable=None, **kw) -> x`` with ``model(x, sigma[B], **extra_args) -> x̂₀``, so k-diffusion's
+``sample_*`` functions and these are interchangeable. Step functions return ``(x_next, denoised)``
+and accept a precomputed ``denoised`` so alignment code can reuse the first network call.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torchdiffeq
+from torch import Tensor
+from tqdm.auto import tqdm, trange
+
+from .utils import (Generator, append_dims, as_sigma, check_finite, check_sigmas, get_ancestral_step,
+                    randn_like, to_d)
+
+FIXED_METHODS = ("euler", "heun", "dpm2", "rk4")
+ADAPTIVE_METHODS = {"dopri5": "dopri5", "bosh3": "bosh3", "adaptive_heun": "adaptive_heun"}
+METHODS = FIXED_METHODS + tuple(ADAPTIVE_METHODS)
+NFE_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "rk4": 4}
+
+
+def check_method(method: str, allowed=METHODS) -> str:
+    """Reject unknown integrator names, listing the valid ones."""
+    if method not in allowed:
+        raise ValueError(f"method must be one of {', '.join(allowed)}; got {method!r}")
+    return method
+
+
+def _last_step(sigma_next: Tensor) -> bool:
+    """True when every item steps to σ = 0 (the final Euler step x = D); mixed grids are rejected."""
+    zero = sigma_next == 0
+    if zero.any() and not zero.all():
+        raise ValueError("sigma_next must be 0 for all batch items or for none")
+    return bool(zero.all())
+
+
+def ode_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = None, method: str = "heun",
+             denoised: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One step of the probability-flow ODE dx/dσ = (x − D(x, σ))/σ (Karras et al. 2022, Alg. 1).
+
+    Works in both directions (σ_next < σ samples, σ_next > σ inverts); a step to σ = 0 is the Euler
+    step ``x = denoised``. ``denoised`` may be passed when D(x, σ) is already known.
+    """
+    check_method(method, FIXED_METHODS)
+    extra_args = {} if extra_args is None else extra_args
+    sigma, sigma_next = as_sigma(sigma, x), as_sigma(sigma_next, x)
+    if denoised is None:
+        denoised = model(x, sigma, **extra_args)
+    if _last_step(sigma_next):
+        return denoised, denoised
+    d = to_d(x, sigma, denoised)
+    h = append_dims(sigma_next - sigma, x.ndim)
+    if method == "euler":
+        return x + d * h, denoised
+    if method == "heun":
+        x_2 = x + d * h
+        d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next, **extra_args))
+        return x + (d + d_2) / 2 * h, denoised
+    if method == "dpm2":
+        sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
+        x_2 = x + d * append_dims(sigma_mid - sigma, x.ndim)
+        d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid, **extra_args))
+        return x + d_2 * h, denoised
+    sigma_mid = (sigma + sigma_next) / 2  # classical RK4 in σ
+    k_2 = to_d(x + d * h / 2, sigma_mid, model(x + d * h / 2, sigma_mid, **extra_args))
+    k_3 = to_d(x + k_2 * h / 2, sigma_mid, model(x + k_2 * h / 2, sigma_mid, **extra_args))
+    k_4 = to_d(x + k_3 * h, sigma_next, model(x + k_3 * h, sigma_next, **extra_args))
+    return x + (d + 2 * k_2 + 2 * k_3 + k_4) / 6 * h, denoised
+
+
+def _beta_at(beta, sigma: Tensor) -> Tensor:
+    """β(σ) of the Karras SDE: a number, ``"anderson"`` (β = 1/σ) or a callable of σ."""
+    if beta == "anderson":
+        return 1 / sigma
+    if callable(beta):
+        return torch.as_tensor(beta(sigma), dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+    if float(beta) < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    return torch.full_like(sigma, float(beta))
+
+
+def needs_noise(sigma_next, eta: float = 1.0, beta=None) -> bool:
+    """Whether an SDE step draws noise (none on the last step, at η = 0 or at β ≡ 0)."""
+    if bool((torch.as_tensor(sigma_next) == 0).all()):
+        return False
+    return bool(beta != 0) if beta is not None else eta > 0
+
+
+def sde_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = None, eta: float = 1.0,
+             s_noise: float = 1.0, beta=None, noise: Tensor | None = None, generator: Generator = None,
+             denoised: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One reverse-SDE step: the ancestral/DDPM-posterior kernel (``eta``) or the Karras β-SDE.
+
+    Args:
+        eta: ancestral kernel weight; 1 is the DDPM posterior q(x_σ' | x_σ, x̂₀), 0 is DDIM/Euler.
+        beta: if given, use the Karras et al. (2022) eq. 6 SDE instead, with drift (1 + βσ)(x − D)/σ and
+            diffusion √(2β)σ, integrated by Heun with the same noise in both stages (Sampling Demon's
+            stepper). A number, ``"anderson"`` (β = 1/σ) or a callable β(σ).
+        noise: standard-normal noise to use instead of drawing it (e.g. Demon's chosen z*).
+        generator: a ``torch.Generator`` or one per batch item (see ``utils.randn_like``).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    sigma, sigma_next = as_sigma(sigma, x), as_sigma(sigma_next, x)
+    if denoised is None:
+        denoised = model(x, sigma, **extra_args)
+    if _last_step(sigma_next):
+        return denoised, denoised
+    if noise is None and needs_noise(sigma_next, eta, beta):
+        noise = randn_like(x, generator)
+    d = to_d(x, sigma, denoised)
+    if beta is None:
+        sigma_down, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+        x_next = x + d * append_dims(sigma_down - sigma, x.ndim)
+        if eta > 0:
+            x_next = x_next + noise * s_noise * append_dims(sigma_up, x.ndim)
+        return x_next, denoised
+    beta_1, beta_2 = _beta_at(beta, sigma), _beta_at(beta, sigma_next)
+    dt = append_dims(sigma_next - sigma, x.ndim)
+    rand = noise * s_noise * dt.abs().sqrt() if noise is not None else 0.0
+    f_1 = append_dims(1 + beta_1 * sigma, x.ndim) * d
+    g_1 = append_dims((2 * beta_1).sqrt() * sigma, x.ndim)
+    x_pred = x + f_1 * dt + g_1 * rand
+    f_2 = append_dims(1 + beta_2 * sigma_next, x.ndim) * to_d(x_pred, sigma_next,
+                                                               model(x_pred, sigma_next, **extra_args))
+    g_2 = append_dims((2 * beta_2).sqrt() * sigma_next, x.ndim)
+    return x + (f_1 + f_2) / 2 * dt + (g_1 + g_2) / 2 * rand, denoised
+
+
+class _LogSigmaODE(torch.nn.Module):
+    """The PF-ODE in u = ±log σ for torchdiffeq: dx/du = ±(x − D), with k-diffusion callbacks."""
+
+    def __init__(self, model, extra_args, sign: float, callback, pbar, batch: int):
+        super().__init__()
+        self.model, self.extra_args, self.sign = model, extra_args, sign
+        self.callback, self.pbar, self.batch = callback, pbar, batch
+        self.cache: OrderedDict[float, Tensor] = OrderedDict()
+        self.nfe, self.i = 0, 0
+
+    def sigma(self, u: Tensor, x: Tensor) -> Tensor:
+        return (self.sign * u).exp().to(x.dtype).expand(self.batch)
+
+    def forward(self, u: Tensor, x: Tensor) -> Tensor:
+        denoised = self.model(x, self.sigma(u, x), **self.extra_args)
+        self.nfe += 1
+        self.cache[float(u)] = denoised
+        while len(self.cache) > 16:
+            self.cache.popitem(last=False)
+        return self.sign * (x - denoised)
+
+    def callback_step(self, u0: Tensor, x0: Tensor, du: Tensor) -> None:
+        if self.callback is not None:
+            sigma = self.sigma(u0, x0)
+            # torchdiffeq evaluates f at times rounded to the state's dtype: match within that precision
+            near = [d for u, d in self.cache.items() if abs(u - float(u0)) <= 1e-6 * max(1.0, abs(float(u0)))]
+            self.callback({"x": x0, "i": self.i, "sigma": sigma, "sigma_hat": sigma,
+                           "denoised": near[-1] if near else None, "h": du, "nfe": self.nfe})
+
+    def callback_accept_step(self, u0: Tensor, x0: Tensor, du: Tensor) -> None:
+        self.i += 1
+        self.pbar.update(float(du))
+
+
+def _adaptive(model, x, sigma_from, sigma_to, extra_args, callback, disable, method, rtol, atol) -> Tensor:
+    """Integrate the PF-ODE from σ_from to σ_to (> 0) with an adaptive torchdiffeq solver in log σ."""
+    sign = -1.0 if sigma_to < sigma_from else 1.0
+    u = sign * torch.tensor([float(sigma_from), float(sigma_to)], dtype=torch.float64).log()
+    with tqdm(total=float(u[1] - u[0]), disable=disable, unit="log σ",
+              bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} log σ") as pbar:
+        func = _LogSigmaODE(model, extra_args, sign, callback, pbar, x.shape[0])
+        return torchdiffeq.odeint(func, x, u.to(x.device), rtol=rtol, atol=atol,
+                                  method=ADAPTIVE_METHODS[method])[-1]
+
+
+def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool) -> dict:
+    if not callable(model):
+        raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
+    check_finite(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have a batch dimension")
+    check_sigmas(sigmas, decreasing=decreasing)
+    if method is not None:
+        check_method(method)
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
+    return {} if extra_args is None else extra_args
+
+
+@torch.no_grad()
+def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, callback: Callable | None = None,
+           disable: bool | None = None, method: str = "heun", rtol: float = 1e-4, atol: float = 1e-4) -> Tensor:
+    """Sample by integrating the probability-flow ODE along ``sigmas`` (decreasing, ending in 0).
+
+    Fixed-grid methods (euler, heun, dpm2, rk4) step through the grid; adaptive ones (dopri5, bosh3,
+    adaptive_heun) run torchdiffeq in log σ from ``sigmas[0]`` to ``sigmas[-2]``. Both end with the
+    Euler step to σ = 0, ``x = D(x, σ_min)``.
+    """
+    extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True)
+    if method in ADAPTIVE_METHODS:
+        if len(sigmas) > 2:
+            x = _adaptive(model, x, sigmas[0], sigmas[-2], extra_args, callback, disable, method, rtol, atol)
+        denoised = model(x, as_sigma(sigmas[-2], x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": len(sigmas) - 2, "sigma": sigmas[-2], "sigma_hat": sigmas[-2],
+                      "denoised": denoised})
+        return denoised
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, as_sigma(sigmas[i], x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x, _ = ode_step(model, x, sigmas[i], sigmas[i + 1], extra_args=extra_args, method=method,
+                        denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
+              callback: Callable | None = None, disable: bool | None = None, method: str = "heun",
+              rtol: float = 1e-4, atol: float = 1e-4) -> Tensor:
+    """Invert sampling: integrate the PF-ODE upward along increasing, positive ``sigmas``.
+
+    ``oderevert(model, odeint(model, x, s), revert_sigmas(s)) ≈ x`` up to discretisation error and the
+    final step's σ_min·ε term (the data point is taken as the state at σ_min).
+    """
+    extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
+    if method in ADAPTIVE_METHODS:
+        return _adaptive(model, x, sigmas[0], sigmas[-1], extra_args, callback, disable, method, rtol, atol)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, as_sigma(sigmas[i], x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x, _ = ode_step(model, x, sigmas[i], sigmas[i + 1], extra_args=extra_args, method=method,
+                        denoised=denoised)
+    return x
+
+
+@torch.no_grad()
+def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, callback: Callable | None = None,
+           disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
+           noise_sampler: Callable | None = None, generator: Generator = None, beta=None) -> Tensor:
+    """Sample with a reverse SDE: ancestral (``eta``; DDPM at 1, DDIM at 0) or Karras β-SDE (``beta``).
+
+    Args:
+        noise_sampler: ``noise_sampler(sigma, sigma_next) -> noise like x``; overrides ``generator``.
+        generator: a ``torch.Generator`` or a list of one per batch item, which makes each item's
+            sample independent of the batch it is in.
+        beta: see ``sde_step``; when given, ``eta`` is ignored. The Heun β-SDE stays accurate while
+            β·|Δσ| is of order 1; far larger steps over-contract and collapse modes (a warning says so).
+    """
+    extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    max_step = float((sigmas[:-2] - sigmas[1:-1]).max()) if len(sigmas) > 2 else 0.0
+    if isinstance(beta, (int, float)) and beta * max_step > 4:
+        warnings.warn(f"beta={beta} with steps of up to {max_step:.3g} in σ "
+                      "makes β·|Δσ| > 4: the β-SDE discretisation is inaccurate; use more steps or a smaller beta")
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, as_sigma(sigmas[i], x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        noise = None
+        if noise_sampler is not None and needs_noise(sigmas[i + 1], eta, beta):
+            noise = noise_sampler(sigmas[i], sigmas[i + 1])
+        x, _ = sde_step(model, x, sigmas[i], sigmas[i + 1], extra_args=extra_args, eta=eta, s_noise=s_noise,
+                        beta=beta, noise=noise, generator=generator, denoised=denoised)
+    return x

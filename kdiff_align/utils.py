@@ -1,0 +1,107 @@
+"""Small helpers shared by the samplers: shapes, derivatives, input checks and per-item noise."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+def append_dims(x: Tensor, target_dims: int) -> Tensor:
+    """Append singleton dimensions to ``x`` until it has ``target_dims`` dimensions."""
+    dims_to_append = target_dims - x.ndim
+    if dims_to_append < 0:
+        raise ValueError(f"x has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * dims_to_append]
+
+
+def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    """Convert a denoiser output to a Karras ODE derivative dx/dσ = (x − D)/σ."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
+    """Split a step into a deterministic part to ``sigma_down`` and fresh noise of std ``sigma_up``.
+
+    With ``eta=1`` the Euler step to ``sigma_down`` plus noise ``sigma_up`` is the DDPM posterior
+    q(x_{σ_to} | x_{σ_from}, x̂₀); with ``eta=0`` it is the deterministic DDIM / Euler step.
+    """
+    if not eta:
+        return sigma_to, sigma_to * 0
+    sigma_up = torch.minimum(torch.as_tensor(sigma_to),
+                             eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def as_sigma(sigma, x: Tensor) -> Tensor:
+    """Turn a float or a scalar/[B] tensor into the [B] σ tensor a denoiser receives."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0]).clone()
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a float or a [B]={x.shape[0]} tensor, got shape {tuple(sigma.shape)}")
+    return sigma
+
+
+def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
+    """Standard normal noise shaped like ``x``.
+
+    Args:
+        generator: ``None`` (global RNG), one ``torch.Generator`` for the batch, or a sequence of
+            ``x.shape[0]`` generators, one per item, so that an item's noise does not depend on the
+            batch it is in.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"generator is a list of {len(generator)} generators, expected one per batch item "
+                         f"({x.shape[0]})")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
+                        for g in generator])
+
+
+def generators(seeds: Sequence[int], device="cpu") -> list[torch.Generator]:
+    """One seeded ``torch.Generator`` per seed: the per-item form of ``generator=``."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+
+def default_noise_sampler(x: Tensor, generator: Generator = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """k-diffusion's ``noise_sampler(sigma, sigma_next)`` drawing from ``generator``."""
+    return lambda sigma, sigma_next: randn_like(x, generator)
+
+
+def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas") -> Tensor:
+    """Validate a σ grid: 1-D, at least 2 entries, finite, strictly monotone, ending as required."""
+    if not isinstance(sigmas, Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(sigmas).__name__}")
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all():
+        raise ValueError(f"{name} must be finite, got {sigmas.tolist()}")
+    diffs = sigmas[1:] - sigmas[:-1]
+    if decreasing:
+        if not (diffs < 0).all():
+            raise ValueError(f"{name} must be strictly decreasing for sampling, got {sigmas.tolist()}")
+        if sigmas[-1] != 0 or (sigmas[:-1] <= 0).any():
+            raise ValueError(f"{name} must be positive and end in exactly one 0 (use append_zero), "
+                             f"got last value {sigmas[-1].item()}")
+    else:
+        if not (diffs > 0).all():
+            raise ValueError(f"{name} must be strictly increasing for oderevert, got {sigmas.tolist()}")
+        if sigmas[0] <= 0:
+            raise ValueError(f"{name} must be > 0 for oderevert (revert_sigmas drops the 0), "
+                             f"got first value {sigmas[0].item()}")
+    return sigmas
+
+
+def check_finite(x: Tensor, name: str = "x") -> Tensor:
+    """Fail early on NaN or infinite input."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"{name} contains {bad} NaN or infinite values")
+    return x
