@@ -1,7 +1,8 @@
 """kdiff_align: k-diffusion-style sampling primitives and inference-time alignment methods."""
-from . import cond, external, image, sampling, schedules, testing, utils
+from . import cond, external, image, pipeline, sampling, schedules, testing, utils
 from .cond import cfg_denoiser, condition_denoiser
 from .image import from_latent_to_pil, from_pil, from_pil_to_latent, get_init_latent, to_pil
+from .pipeline import Pipeline
 from .sampling import ode_step, odeint, oderevert, sde_step, sdeint
 from .schedules import (append_zero, get_sigmas_exponential, get_sigmas_karras, get_sigmas_polyexponential,
                         get_sigmas_vp, revert_sigmas)

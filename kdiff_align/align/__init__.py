@@ -1,0 +1,1 @@
+"""Inference-time alignment methods built on the core: Sampling Demon, SMC tempering, inexact Newton."""
