@@ -6,7 +6,6 @@ Non-differentiable rewards (JPEG size, a VLM, a person) are fine for Demon and F
 from __future__ import annotations
 
 import io
-import math
 from typing import Callable, Sequence
 
 import torch
@@ -67,7 +66,3 @@ def contrast(x0: Tensor) -> Tensor:
     """Per-image pixel standard deviation (differentiable)."""
     return x0.flatten(1).std(1) if x0[0].numel() > 1 else torch.zeros(x0.shape[0], device=x0.device)
 
-
-def log_jpeg_ratio(images: Sequence[Image.Image]) -> list[float]:
-    """log of raw size over JPEG size: a bounded compressibility score."""
-    return [math.log(im.width * im.height * len(im.getbands()) / 1000 / s) for s, im in zip(jpeg_size_kb(images), images)]
