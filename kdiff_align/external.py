@@ -89,3 +89,24 @@ class KarrasDenoiser(torch.nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.get_scalings(sigma))
         return x * c_skip + model_output(self.net(x * c_in, sigma.log() / 4, **kwargs)) * c_out
+
+
+class FlowDenoiser(torch.nn.Module):
+    """D(x, σ) from a rectified-flow velocity model (SD3 convention: x_t = (1 − t)x₀ + tε, v = ε − x₀).
+
+    In our parametrisation x = x_t/(1 − t) and σ = t/(1 − t), so t = σ/(1 + σ), x_t = x/(1 + σ) and
+    D = x_t − t·v. The Euler step of the PF-ODE in σ equals the flow Euler step x_t' = x_t + (t' − t)·v.
+
+    Args:
+        t_scale: the network is called with ``t * t_scale`` (1000 for diffusers' SD3 transformer).
+    """
+
+    def __init__(self, model, *, t_scale: float = 1.0):
+        super().__init__()
+        self.model, self.t_scale = model, t_scale
+
+    def forward(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        t = sigma / (1 + sigma)
+        x_t = x / append_dims(1 + sigma, x.ndim)
+        v = model_output(self.model(x_t, t * self.t_scale, **kwargs)).to(x.dtype)
+        return x_t - append_dims(t, x.ndim) * v

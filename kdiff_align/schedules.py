@@ -90,3 +90,25 @@ def t_to_sigma(t: Tensor, sigmas_table: Tensor) -> Tensor:
     t = t.to(torch.float64).clamp(0, log_sigmas.shape[0] - 1)
     low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
     return ((1 - w) * log_sigmas[low_idx] + w * log_sigmas[high_idx]).exp().float()
+
+
+def flow_shift(t: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift t ↦ s·t/(1 + (s − 1)·t) (s > 1 spends more steps at high noise)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def get_sigmas_flow(n: int, shift: float = 1.0, t_max: float = 1 - 1e-3, t_min: float = 1e-3,
+                    device="cpu") -> Tensor:
+    """Rectified-flow schedule: t uniform from ``t_max`` to ``t_min``, shifted, as σ = t/(1 − t), then 0.
+
+    t = 1 (pure noise) is σ = ∞, which the variance-exploding form cannot hold, so ``t_max`` < 1; the
+    starting state is x = σ_max·ε as for any VE sampler (off by x₀, i.e. by 1/σ_max relatively).
+    """
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer number of steps, got {n}")
+    if not 0 < t_min < t_max < 1:
+        raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={t_min}, t_max={t_max}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = flow_shift(torch.linspace(t_max, t_min, n, dtype=torch.float64), shift)
+    return append_zero((t / (1 - t)).float()).to(device)
