@@ -269,3 +269,12 @@ def test_beta_sde_warns_on_unstable_steps():
     with pytest.warns(UserWarning, match="β·|Δσ| > 4"):
         ka.sdeint(mixture(), torch.ones(2, 2), ka.get_sigmas_karras(5, 0.01, 20.0), beta=1.0, disable=True,
                   generator=torch.Generator().manual_seed(0))
+
+
+@given(model=__import__("kdiff_align").testing.mixture_denoisers(), seed=seeds)
+def test_euler_sdeint_eta0_agree_on_random_mixtures(model, seed):
+    sigmas = ka.get_sigmas_karras(6, 0.01, 10.0)
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed)) * 10
+    out = ka.odeint(model, x_T, sigmas, method="euler", disable=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(ka.sdeint(model, x_T, sigmas, eta=0.0, disable=True), out, rtol=0, atol=0)

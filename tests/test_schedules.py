@@ -77,3 +77,9 @@ def test_sigma_to_t_at_table_points_and_quantize():
 def test_bad_alphas_table():
     with pytest.raises(ValueError, match="alphas_cumprod"):
         schedules.sigmas_from_alphas_cumprod(torch.tensor([0.5, 1.5]))
+
+
+@given(sigmas=__import__("kdiff_align").testing.sigma_schedules())
+def test_strategy_schedules_are_valid_sampling_grids(sigmas):
+    from kdiff_align.utils import check_sigmas
+    check_sigmas(sigmas, decreasing=True)
