@@ -1,0 +1,572 @@
+"""Tempered, twisted SMC for reward alignment: DAS and Feynman–Kac steering over the ancestral kernel.
+
+Target p_tar(x₀) ∝ p_θ(x₀)·exp(r(x₀)/α) (Kim et al. 2025, DAS; Singhal et al. 2025, FK steering with
+λ_FK = 1/α). Particles move by the ancestral kernel of ``sampling.sde_step`` (η = 1: DDPM), either
+plain (``proposal="prior"``, gradient-free FK) or with the reward-gradient drift σ_up²·λ·∇r(x̂₀)/α
+(``proposal="guided"``, DAS/TDS). Potentials are evaluated on r(D(x, σ_i)) with tempering λ_i; the
+last step always weighs by the exact r(x₀)/α, so the target holds whatever the schedule. Log-weights
+live in float64 per group ``[B, N]``, and every per-particle cache is re-indexed on resampling (the
+DAS reference code forgets the twist, which biases it). Formulas: ``reference/smc.md`` §5.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from ..cond import batched_call, slice_kwargs
+from ..sampling import sde_step
+from ..utils import append_dims, check_finite, check_sigmas, get_ancestral_step
+
+RESAMPLING = ("systematic", "stratified", "multinomial", "residual", "ssp")
+TEMPERING = ("exp", "linear", "none", "adaptive")
+POTENTIALS = ("diff", "max", "sum")
+SELECT = ("all", "resample", "argmax")
+GRADS = ("full", "detached")
+
+
+@dataclass
+class SMCResult:
+    """Particles, weights and traces of ``sample_smc``; ``S`` steps, ``B`` groups of ``N`` particles.
+
+    ``x0`` is ``[B, N, ...]`` (``select="all"`` or ``"resample"``) or ``[B, ...]`` (``"argmax"``: the
+    highest-weight particle, a best-of-N by weight, not a draw from the target). Traces are per step:
+    ``ess`` after reweighting (before resampling), ``lambdas`` the tempering used by the potential,
+    ``resampled`` and ``ancestors`` (identity where not resampled), the weighted ``reward_mean`` and
+    ``reward_max`` of r(x̂₀) (NaN at steps without a potential), ``nonfinite`` the number of particles
+    with zero weight (log-weight −inf, from a reward of −inf). ``nfe`` counts rows by kind.
+    """
+    x0: Tensor
+    log_weights: Tensor
+    log_Z: Tensor
+    ess: Tensor
+    lambdas: Tensor
+    resampled: Tensor
+    ancestors: Tensor
+    reward_mean: Tensor
+    reward_max: Tensor
+    nonfinite: Tensor
+    rewards: Tensor
+    nfe: dict = field(default_factory=dict)
+    select: str = "all"
+
+    @property
+    def unique_ancestors(self) -> Tensor:
+        """``[B]``: how many initial particles still have descendants at the end (lineage collapse)."""
+        lineage = torch.arange(self.ancestors.shape[-1], device=self.ancestors.device).expand_as(self.ancestors[0])
+        for step in self.ancestors:
+            lineage = lineage.gather(-1, step)
+        return torch.tensor([row.unique().numel() for row in lineage])
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+def normalize(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised log-weights (logsumexp 0 over the last axis) and the log normaliser."""
+    log_sum = log_w.logsumexp(-1, keepdim=True)
+    return log_w - log_sum, log_sum.squeeze(-1)
+
+
+def ess(log_w: Tensor) -> Tensor:
+    """Effective sample size (Σw)²/Σw² over the last axis, from unnormalised log-weights; in [1, N]."""
+    return (2 * log_w.logsumexp(-1) - (2 * log_w).logsumexp(-1)).exp()
+
+
+# --- resampling --------------------------------------------------------------------------------
+
+def _rand(rows: int, n: int, generator, device) -> Tensor:
+    """``[rows, n]`` float64 uniforms: from one generator, or row b from ``generator[b]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand((rows, n), generator=generator, dtype=torch.float64, device=device)
+    if len(generator) != rows:
+        raise ValueError(f"generator is a list of {len(generator)}, expected one per group ({rows})")
+    return torch.stack([torch.rand(n, generator=g, dtype=torch.float64, device=device) for g in generator])
+
+
+def _counts_to_index(counts: Tensor) -> Tensor:
+    """Offspring counts ``[B, N]`` (rows summing to N) → sorted ancestor indices ``[B, N]``."""
+    slots = torch.arange(counts.shape[-1], device=counts.device).expand_as(counts).contiguous()
+    return torch.searchsorted(counts.cumsum(-1).contiguous(), slots, right=True)
+
+
+def _grid_counts(cum: Tensor, u: Tensor) -> Tensor:
+    """Offspring of the grid (k + u)/1, k = 0, 1, …, falling in each cell of the cumulative mass ``cum``."""
+    hits = torch.ceil(cum - u).clamp(min=0)
+    return (hits - torch.nn.functional.pad(hits[..., :-1], (1, 0))).long()
+
+
+def _ssp_counts(n_w: Tensor, u: Tensor) -> Tensor:
+    """Srinivasan sampling process (Gerber, Chopin & Whiteley 2019): pairwise-coupled fractional parts.
+
+    One open fractional mass meets each next particle in turn: if the two add to less than 1 one of them
+    takes both (chosen proportionally to its mass), otherwise one of them gets a whole child and the other
+    keeps the excess. Each exchange preserves expected mass, so E[offspring] = N·W and offspring ∈
+    {⌊N·W⌋, ⌈N·W⌉}.
+    """
+    counts = n_w.floor()
+    xi = n_w - counts
+    rows = torch.arange(n_w.shape[0], device=n_w.device)
+    open_ = torch.zeros_like(rows)
+    for k in range(1, n_w.shape[1]):
+        p, q = xi[rows, open_], xi[:, k]
+        s = p + q
+        merge = s < 1
+        open_wins = torch.where(merge, u[:, k - 1] * s < p, u[:, k - 1] * (2 - s) < 1 - q)
+        winner, loser = torch.where(open_wins, open_, k), torch.where(open_wins, k, open_)
+        xi[rows, winner] = torch.where(merge, s, 0.0)
+        xi[rows, loser] = torch.where(merge, 0.0, s - 1)
+        counts[rows, winner] += (~merge).double()
+        open_ = torch.where(merge, winner, loser)
+    counts[rows, open_] += xi[rows, open_].round()
+    return counts.long()
+
+
+def resample(log_w: Tensor, method: str = "systematic", generator=None) -> Tensor:
+    """Ancestor indices ``[B, N]`` drawn from the normalised weights of each row of ``log_w`` ``[B, N]``.
+
+    Schemes (Douc & Cappé 2005; Gerber et al. 2019), all unbiased, E[offspring_j] = N·W_j:
+    ``multinomial`` (i.i.d.), ``stratified`` (one uniform per stratum), ``systematic`` (one uniform
+    per row), ``residual`` (⌊N·W⌋ copies, systematic on the remainders) and ``ssp``; the last three keep
+    offspring within ⌊N·W⌋..⌈N·W⌉. Runs on ``log_w``'s device; ``generator`` is one
+    ``torch.Generator`` or one per row.
+    """
+    if method not in RESAMPLING:
+        raise ValueError(f"resampling must be one of {', '.join(RESAMPLING)}; got {method!r}")
+    if log_w.ndim != 2:
+        raise ValueError(f"log_w must be [B, N], got shape {tuple(log_w.shape)}")
+    log_w = log_w.to(torch.float64)
+    if torch.isnan(log_w).any() or (log_w == math.inf).any() or (log_w == -math.inf).all(-1).any():
+        raise ValueError("log_w must have no NaN or +inf and at least one finite entry per row")
+    batch, n = log_w.shape
+    weights = normalize(log_w)[0].exp()
+    if method in ("systematic", "residual"):
+        u = _rand(batch, 1, generator, log_w.device)
+        n_w = n * weights
+        if method == "systematic":
+            cum = n_w.cumsum(-1)
+            cum[:, -1] = n
+            return _counts_to_index(_grid_counts(cum, u))
+        floor = n_w.floor()
+        cum = (n_w - floor).cumsum(-1)
+        cum[:, -1] = n - floor.sum(-1)
+        return _counts_to_index(floor.long() + _grid_counts(cum, u))
+    if method == "ssp":
+        return _counts_to_index(_ssp_counts(n * weights, _rand(batch, n - 1, generator, log_w.device)))
+    u = _rand(batch, n, generator, log_w.device)
+    u = (torch.arange(n, device=log_w.device) + u) / n if method == "stratified" else u.sort(-1).values
+    cdf = weights.cumsum(-1)
+    cdf = (cdf / cdf[:, -1:]).contiguous()
+    return torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=n - 1)
+
+
+# --- tempering ---------------------------------------------------------------------------------
+
+def tempering_schedule(kind: str, steps: int, *, reach: float = 0.87, gamma: float | None = None,
+                       start: int = 0) -> Tensor:
+    """λ_0 … λ_S (``steps + 1`` float64 values in [0, 1], monotone, λ_S = 1) for the twist at step i.
+
+    Args:
+        kind: ``"exp"`` (DAS: λ_i = (1+γ)^(i−start) − 1), ``"linear"`` or ``"none"`` (λ ≡ 1, FK).
+        reach: fraction of the steps at which λ first reaches 1 (at step ⌈reach·S⌉), whatever S;
+            DAS's γ = 0.008 at 100 steps is reach ≈ 0.87.
+        gamma: DAS's γ for ``"exp"``; overrides ``reach`` (then the step where λ = 1 depends on S).
+        start: steps before this have λ = 0 (DAS's ``tempering_start``·S).
+    """
+    if kind not in ("exp", "linear", "none"):
+        raise ValueError(f"tempering kind must be 'exp', 'linear' or 'none'; got {kind!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not 0 < reach <= 1:
+        raise ValueError(f"reach must be in (0, 1], got {reach}")
+    if not 0 <= start < steps:
+        raise ValueError(f"start must be in [0, steps), got {start}")
+    i = torch.arange(steps + 1, dtype=torch.float64) - start
+    if kind == "none":
+        return torch.ones(steps + 1, dtype=torch.float64)
+    if gamma is not None:
+        if kind != "exp" or not gamma > 0:
+            raise ValueError(f"gamma must be > 0 and only applies to kind='exp', got {gamma} with {kind!r}")
+        lam = (1 + gamma) ** i - 1
+    else:
+        n_reach = max(math.ceil(reach * steps - 1e-9), start + 1)
+        lam = 2 ** (i / (n_reach - start)) - 1 if kind == "exp" else i / (n_reach - start)
+        lam[n_reach:] = 1
+    lam = lam.clamp(0, 1)
+    lam[-1] = 1
+    return lam
+
+
+def adaptive_lambda(log_w: Tensor, base: Tensor, delta: Tensor, target: float = 0.9, lo=0.0, hi=1.0,
+                    iters: int = 30) -> Tensor:
+    """Largest λ ∈ [lo, hi] per row whose conditional ESS ≥ ``target``·N, by bisection (Zhou et al. 2016).
+
+    The incremental log-weight is ``base + λ·delta``; CESS = N·(Σ W w)² / Σ W w² with W the current
+    normalised weights. Returns ``lo`` where even it misses the target, ``hi`` where it is met there.
+    """
+    n = log_w.shape[-1]
+    log_w = normalize(log_w.to(torch.float64))[0]
+    base, delta = base.to(torch.float64), delta.to(torch.float64)
+    lo = torch.as_tensor(lo, dtype=torch.float64, device=log_w.device).expand(log_w.shape[0]).clone()
+    hi = torch.as_tensor(hi, dtype=torch.float64, device=log_w.device).expand(log_w.shape[0]).clone()
+
+    def cess(lam):
+        inc = base + torch.where(lam[:, None] == 0, 0.0, lam[:, None] * delta)
+        inc = torch.where(torch.isneginf(log_w), 0.0, inc)
+        return (2 * (log_w + inc).logsumexp(-1) - (log_w + 2 * inc).logsumexp(-1)).exp() * n
+
+    ok_hi = cess(hi) >= target * n
+    low, high = lo.clone(), hi.clone()
+    for _ in range(iters):
+        mid = (low + high) / 2
+        ok = cess(mid) >= target * n
+        low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+    return torch.where(ok_hi, hi, low)
+
+
+# --- one step's network work -------------------------------------------------------------------
+
+def reindex(state: dict, ancestors: Tensor) -> dict:
+    """Re-index every per-particle cache ``[B, N, ...]`` by the ancestors ``[B, N]`` (x, D, r, ∇r, potentials)."""
+    rows = torch.arange(ancestors.shape[0], device=ancestors.device)[:, None]
+    return {k: v[rows, ancestors] if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _check_reward(values, rows: int, step: int, name: str = "reward") -> Tensor:
+    """Float64 ``[rows]`` rewards; NaN or +inf raise (−inf is allowed: zero target density)."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must return a torch.Tensor of shape [{rows}], got {type(values).__name__}")
+    if values.shape != (rows,):
+        raise ValueError(f"{name} returned shape {tuple(values.shape)} at step {step}, expected [{rows}]")
+    r = values.detach().to(torch.float64)
+    bad = torch.isnan(r) | (r == math.inf)
+    if bad.any():
+        raise ValueError(f"{name} returned NaN or +inf at step {step} for particles "
+                         f"{torch.nonzero(bad).flatten().tolist()[:10]}")
+    return r
+
+
+def _grad_rows(model, x, sigma, kwargs, reward_fn, grad, sigma_data, max_batch, nfe, step):
+    """D(x, σ) with ∇_x r(D) per row, in chunks of ``max_batch``: full Jacobian or scalar k(σ)·∇_D r."""
+    chunk = x.shape[0] if max_batch is None else max_batch
+    denoised, rewards, grads = [], [], []
+    for i in range(0, x.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        with torch.enable_grad():
+            if grad == "full":
+                x_c = x[sl].detach().requires_grad_(True)
+                d_c = model(x_c, sigma[sl], **slice_kwargs(kwargs, sl))
+                leaf = x_c
+            else:
+                with torch.no_grad():
+                    d_c = model(x[sl], sigma[sl], **slice_kwargs(kwargs, sl))
+                d_c = leaf = d_c.detach().requires_grad_(True)
+            r_c = reward_fn(d_c)
+            _check_reward(r_c, d_c.shape[0], step, "the guiding reward")
+            if not r_c.requires_grad:
+                raise TypeError("proposal='guided' needs a differentiable reward (or proposal_reward); "
+                                "use proposal='prior' for gradient-free rewards")
+            (g_c,) = torch.autograd.grad(r_c.sum(), leaf)
+        if grad == "detached":
+            k = sigma_data**2 / (sigma_data**2 + sigma[sl] ** 2)
+            g_c = g_c * append_dims(k, g_c.ndim)
+        denoised.append(d_c.detach())
+        rewards.append(r_c.detach())
+        grads.append(g_c.detach())
+        nfe["calls"] += 1
+    rows = x.shape[0]
+    nfe["denoiser_grad" if grad == "full" else "denoiser"] += rows
+    nfe["reward_grad"] += rows
+    return torch.cat(denoised), torch.cat(rewards), torch.cat(grads)
+
+
+def _evaluate(model, x, sigma, kwargs, guide, grad, sigma_data, max_batch, nfe, step):
+    """D(x, σ) for all B·N particles ``[B, N, ...]`` in one call; also r(D) and ∇_x r(D) when ``guide`` is given."""
+    groups, n = x.shape[:2]
+    flat = x.reshape(groups * n, *x.shape[2:])
+    if guide is None:
+        nfe["calls"] += -(-groups * n // (max_batch or groups * n))
+        nfe["denoiser"] += groups * n
+        return batched_call(model, flat, sigma, kwargs, max_batch).view_as(x), None, None
+    denoised, r, g = _grad_rows(model, flat, sigma, kwargs, guide, grad, sigma_data, max_batch, nfe, step)
+    return denoised.view_as(x), _check_reward(r, groups * n, step).view(groups, n), g.view_as(x)
+
+
+def _reward_rows(reward, denoised, max_batch, nfe, step) -> Tensor:
+    """r(x̂₀) ``[B, N]`` for particles ``[B, N, ...]``, in chunks of ``max_batch`` rows, checked."""
+    flat = denoised.flatten(0, 1)
+    chunk = flat.shape[0] if max_batch is None else max_batch
+    with torch.no_grad():
+        values = [_check_reward(reward(flat[i:i + chunk]), flat[i:i + chunk].shape[0], step)
+                  for i in range(0, flat.shape[0], chunk)]
+    nfe["reward"] += flat.shape[0]
+    return torch.cat(values).view(denoised.shape[:2])
+
+
+def _resample_groups(log_w: Tensor, todo: Tensor, method: str, generator) -> Tensor:
+    """Ancestors ``[B, N]``: resampled for the groups in ``todo``, identity for the others."""
+    ancestors = torch.arange(log_w.shape[1], device=log_w.device).repeat(log_w.shape[0], 1)
+    rows = torch.nonzero(todo).flatten()
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = [generator[b] for b in rows.tolist()]
+    ancestors[rows] = resample(log_w[rows], method, generator)
+    return ancestors
+
+
+def _noise(shape, groups: int, generator, device, dtype) -> Tensor:
+    """Standard normal ``[B·N, ...]``: from one generator, or group b's rows from ``generator[b]``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    per_group = (shape[0] // groups,) + tuple(shape[1:])
+    return torch.cat([torch.randn(per_group, generator=g, device=device, dtype=dtype) for g in generator])
+
+
+def _potential(kind: str, t: Tensor, state: dict, last: bool, r_over_alpha: Tensor) -> Tensor:
+    """Incremental log-potential; updates ``state["applied"]`` (log-potentials applied on the lineage).
+
+    ``diff`` is the DAS twist / FK difference potential: t_i − t_prev. ``max`` and ``sum`` (FK) apply
+    max(t_i, m) or t_i + s each time; the last step applies the terminal correction r(x₀)/α − applied,
+    so every potential targets p_θ·exp(r/α).
+    """
+    applied = state["applied"]
+    if last:
+        inc = r_over_alpha - applied
+    elif kind == "diff":
+        inc = t - applied
+    else:
+        first = state["phi"] is None
+        phi = t if first else (torch.maximum(t, state["phi"]) if kind == "max" else state["phi"] + t)
+        state["phi"], inc = phi, phi
+    state["applied"] = applied + inc if kind != "diff" or last else t
+    return torch.where(torch.isneginf(applied) & torch.isneginf(r_over_alpha), -math.inf, inc)
+
+
+def _potential_steps(steps: int, every: int, window) -> Tensor:
+    """Boolean ``[S]``: steps where potentials are evaluated and resampling considered (the last always)."""
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"resample_every must be a positive int, got {every!r}")
+    start, end = (0, steps - 1) if window is None else window
+    if not (0 <= start <= end < steps):
+        raise ValueError(f"resample_window must be (start, end) step indices with 0 <= start <= end < {steps}, "
+                         f"got {window!r}")
+    mask = torch.zeros(steps, dtype=torch.bool)
+    mask[start:end + 1:every] = True
+    mask[-1] = True
+    return mask
+
+
+# --- the sampler -------------------------------------------------------------------------------
+
+def _check_args(model, x, sigmas, reward, num_particles, alpha, tempering, proposal, grad, potential, eta,
+                ess_threshold, resampling, select, generator):
+    if not callable(model):
+        raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
+    if not callable(reward):
+        raise TypeError(f"reward must be a callable x0[B, ...] -> Tensor[B], got {type(reward).__name__}")
+    check_finite(x, "x")
+    check_sigmas(sigmas, decreasing=True)
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+    if x.ndim < 3 or x.shape[1] != num_particles:
+        raise ValueError(f"x must be [B, N={num_particles}, *shape] (B groups of N particles), got {tuple(x.shape)}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    for name, value, allowed in (("proposal", proposal, ("guided", "prior")), ("grad", grad, GRADS),
+                                 ("potential", potential, POTENTIALS), ("resampling", resampling, RESAMPLING),
+                                 ("select", select, SELECT)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if not isinstance(tempering, Tensor) and tempering not in TEMPERING:
+        raise ValueError(f"tempering must be one of {', '.join(TEMPERING)} or a tensor of S+1 values; got {tempering!r}")
+    if tempering == "adaptive" and potential != "diff":
+        raise ValueError("tempering='adaptive' needs potential='diff' (its increment is linear in λ)")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if eta == 0:
+        warnings.warn("eta=0 makes the kernel deterministic: resampled copies stay identical and the guided "
+                      "drift has no effect; use eta > 0")
+    if not 0 <= ess_threshold <= 1:
+        raise ValueError(f"ess_threshold must be in [0, 1] (1 resamples at every potential step), got {ess_threshold}")
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != x.shape[0]:
+        raise ValueError(f"generator must be a torch.Generator or a list of one per group ({x.shape[0]}), "
+                         f"got a list of {len(generator)}")
+
+
+def _lambdas(tempering, steps: int, reach, gamma, device) -> Tensor | None:
+    """λ for the potential of each step ``[S]`` (λ_S = 1 on the last step, where x₀ = D), None if adaptive."""
+    if isinstance(tempering, Tensor):
+        lam = tempering.to(device=device, dtype=torch.float64).flatten()
+        if lam.shape[0] != steps + 1 or not ((lam >= 0) & (lam <= 1)).all():
+            raise ValueError(f"a tempering tensor must hold S+1={steps + 1} values in [0, 1], got {tempering}")
+    elif tempering == "adaptive":
+        return None
+    else:
+        lam = tempering_schedule(tempering, steps, reach=reach, gamma=gamma).to(device)
+    lam = lam[:steps].clone()
+    lam[-1] = 1.0  # x₀ = D(x, σ_{S−1}): the last potential is the exact terminal r(x₀)/α
+    return lam
+
+
+def _expand_args(extra_args: dict | None, groups: int, n: int) -> dict:
+    """Repeat group-level conditioning tensors (batch B) to the B·N particle rows; batch 1 and B·N pass."""
+    def expand(v):
+        if isinstance(v, dict):
+            return {k: expand(w) for k, w in v.items()}
+        if isinstance(v, Tensor) and v.ndim and v.shape[0] == groups and groups * n != groups:
+            return v.repeat_interleave(n, 0)
+        return v
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict, got {type(extra_args).__name__}")
+    return {k: expand(v) for k, v in (extra_args or {}).items()}
+
+
+@torch.no_grad()
+def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tensor], *, num_particles: int,
+               alpha: float = 1.0, tempering: str | Tensor = "exp", reach: float = 0.87, gamma: float | None = None,
+               adaptive_target: float = 0.9, proposal: str = "guided", proposal_reward: Callable | None = None,
+               grad: str = "full", sigma_data: float = 1.0, potential: str = "diff", eta: float = 1.0,
+               ess_threshold: float = 0.5, resampling: str = "systematic", resample_every: int = 1,
+               resample_window: tuple[int, int] | None = None, max_batch: int | None = None, select: str = "all",
+               extra_args: dict | None = None, callback: Callable | None = None, disable: bool | None = None,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SMCResult:
+    """Sample p_θ(x₀)·exp(r(x₀)/α) with tempered SMC: DAS (guided) or FK steering (prior proposal).
+
+    Args:
+        x: ``[B, N, *shape]`` noise at ``sigmas[0]``: B independent groups (prompts) of N particles,
+            all evaluated in one network call per step (split by ``max_batch`` rows).
+        reward: ``r(x0[B·N, ...]) -> [B·N]``; differentiable for ``proposal="guided"`` unless
+            ``proposal_reward`` (a differentiable surrogate that only drives the drift) is given.
+            NaN or +inf raise; −inf marks zero target density and is counted in ``nonfinite``.
+        tempering: ``"exp"`` (DAS), ``"linear"``, ``"none"`` (λ ≡ 1, FK), ``"adaptive"`` (bisection on
+            the conditional ESS to ``adaptive_target``) or a tensor λ_0…λ_S; λ reaches 1 at step
+            ⌈reach·S⌉ (or DAS's ``gamma``), and the last step always weighs by r(x₀)/α.
+        proposal: ``"guided"`` adds σ_up²·λ_{i+1}·∇_x r(D(x, σ_i))/α to the ancestral mean and corrects
+            with the closed-form log-ratio; ``"prior"`` is the plain kernel (no gradients).
+        grad: ``"full"`` differentiates through the denoiser; ``"detached"`` replaces ∂D/∂x by
+            σ_data²/(σ_data² + σ²) (no network backward; weights stay exact, only the ESS changes).
+        potential: ``"diff"`` (the DAS twist λ_i·r/α, FK's difference potential), ``"max"`` or ``"sum"``
+            (FK), each with the terminal correction.
+        ess_threshold: resample a group when ESS < ``ess_threshold``·N; 1 resamples at every
+            potential step, 0 never.
+        resample_every, resample_window: evaluate potentials (rewards) and consider resampling only at
+            steps ``start, start + every, … ≤ end`` (FK's sparse intervals) and at the last step.
+        select: ``"all"`` (weighted particles), ``"resample"`` (N equally weighted draws per group) or
+            ``"argmax"`` (the highest-weight particle of each group: best-of-N by weight).
+        generator: one ``torch.Generator``, or one per group so a group's run does not depend on others.
+    """
+    _check_args(model, x, sigmas, reward, num_particles, alpha, tempering, proposal, grad, potential, eta,
+                ess_threshold, resampling, select, generator)
+    groups, n = x.shape[0], x.shape[1]
+    steps = len(sigmas) - 1
+    lam_sched = _lambdas(tempering, steps, reach, gamma, x.device)
+    at_potential = _potential_steps(steps, resample_every, resample_window)
+    kwargs = _expand_args(extra_args, groups, n)
+    guide = proposal_reward if proposal_reward is not None else reward
+    f64 = dict(dtype=torch.float64, device=x.device)
+    nfe = dict(calls=0, denoiser=0, denoiser_grad=0, reward=0, reward_grad=0)
+    trace = {k: torch.full((steps, groups), math.nan, **f64) for k in ("ess", "lambdas", "reward_mean", "reward_max")}
+    resampled = torch.zeros(steps, groups, dtype=torch.bool, device=x.device)
+    ancestors = torch.arange(n, device=x.device).repeat(steps, groups, 1)
+    nonfinite = torch.zeros(steps, groups, dtype=torch.long, device=x.device)
+    log_w = torch.full((groups, n), -math.log(n), **f64)
+    log_z = torch.zeros(groups, **f64)
+    lam = torch.zeros(groups, **f64)
+    state = {"x": x, "applied": torch.zeros(groups, n, **f64), "phi": None}
+
+    def reweight(inc):
+        nonlocal log_w, log_z
+        new = torch.where(torch.isneginf(log_w), -math.inf, log_w + inc)
+        if torch.isnan(new).any():
+            raise ValueError("NaN incremental log-weight (an infinite reward or drift); check the reward")
+        if torch.isneginf(new).all(-1).any():
+            dead = torch.nonzero(torch.isneginf(new).all(-1)).flatten().tolist()
+            raise ValueError(f"every particle of groups {dead} has zero weight (reward −inf); no estimate")
+        log_w, lse = normalize(new)
+        log_z = log_z + lse
+
+    for i in trange(steps, disable=disable):
+        last = i == steps - 1
+        sigma = torch.full((groups * n,), float(sigmas[i]), dtype=x.dtype, device=x.device)
+        need_grad = proposal == "guided" and not last and eta > 0 and (lam_sched is None or lam_sched[i + 1] > 0)
+        denoised, r, g = _evaluate(model, state["x"], sigma, kwargs, guide if need_grad else None, grad, sigma_data,
+                                   max_batch, nfe, i)
+        state["denoised"], state["grad"] = denoised, g
+        if at_potential[i]:
+            r = _reward_rows(reward, denoised, max_batch, nfe, i) if r is None or proposal_reward is not None else r
+            if last:
+                lam = torch.ones(groups, **f64)
+            elif lam_sched is None:  # CESS of the extra tilt exp((λ − λ_prev)·r/α) given the weights so far
+                t_prev = torch.where(lam[:, None] == 0, 0.0, lam[:, None] * r / alpha)
+                lam = adaptive_lambda(log_w + t_prev - state["applied"], -t_prev, r / alpha, adaptive_target, lo=lam)
+            else:
+                lam = lam_sched[i].expand(groups)
+            t = torch.where(lam[:, None] == 0, 0.0, lam[:, None] * r / alpha)  # λ = 0 ignores even r = −inf
+            inc = _potential(potential, t, state, last, r / alpha)
+            reweight(inc)
+            state["reward"] = r
+            w = log_w.exp()
+            finite_r = torch.where(torch.isneginf(r), 0.0, r)
+            trace["reward_mean"][i] = (w * finite_r).sum(-1)
+            trace["reward_max"][i] = r.max(-1).values
+        trace["ess"][i], trace["lambdas"][i] = ess(log_w), lam
+        nonfinite[i] = torch.isneginf(log_w).sum(-1)
+        if callback is not None:
+            callback({"x": state["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": state["denoised"], "log_w": log_w, "ess": trace["ess"][i], "lambda": lam,
+                      "reward": state.get("reward") if at_potential[i] else None})
+        if last:
+            break
+        if at_potential[i]:
+            resampled[i] = (trace["ess"][i] < ess_threshold * n) | (ess_threshold >= 1)
+            if resampled[i].any():
+                ancestors[i] = _resample_groups(log_w, resampled[i], resampling, generator)
+                state = reindex(state, ancestors[i])
+                log_w[resampled[i]] = -math.log(n)
+        state["x"], log_ratio = _propose(model, state, sigmas[i], sigmas[i + 1], eta, groups, n, generator,
+                                         lam if lam_sched is None else lam_sched[i + 1].expand(groups), alpha)
+        if log_ratio is not None:
+            reweight(log_ratio)
+
+    x0, rewards = state["denoised"], state["reward"]
+    if select == "resample":
+        idx = resample(log_w, resampling, generator)
+        x0, rewards = reindex({"x0": x0, "r": rewards}, idx).values()
+        log_w = torch.full_like(log_w, -math.log(n))
+    elif select == "argmax":
+        x0 = x0[torch.arange(groups, device=x.device), log_w.argmax(-1)]
+    return SMCResult(x0=x0, log_weights=log_w, log_Z=log_z, ess=trace["ess"], lambdas=trace["lambdas"],
+                     resampled=resampled, ancestors=ancestors, reward_mean=trace["reward_mean"],
+                     reward_max=trace["reward_max"], nonfinite=nonfinite, rewards=rewards, nfe=nfe, select=select)
+
+
+def _propose(model, state, sigma, sigma_next, eta, groups, n, generator, lam_next, alpha):
+    """Ancestral step from the (re-indexed) particles, plus the guided drift σ_up²·h and its log p/q.
+
+    With h = λ_{i+1}·∇r/α and x' = μ + σ_up²h + σ_up z: log p(x'|x) − log q(x'|x) = −σ_up h·z − ½σ_up²‖h‖².
+    """
+    x, denoised = state["x"], state["denoised"]
+    flat = x.reshape(groups * n, *x.shape[2:])
+    _, sigma_up = get_ancestral_step(sigma, sigma_next, eta)
+    z = _noise(flat.shape, groups, generator, flat.device, flat.dtype) if eta > 0 else None
+    x_next, _ = sde_step(model, flat, sigma, sigma_next, eta=eta, noise=z,
+                         denoised=denoised.reshape(flat.shape))
+    g = state["grad"]
+    if g is None or z is None:
+        return x_next.view_as(x), None
+    h = append_dims(lam_next.to(flat.dtype).repeat_interleave(n), flat.ndim) * g.reshape(flat.shape) / alpha
+    bad = ~torch.isfinite(h.flatten(1)).all(1)
+    if bad.any():
+        dead = torch.isneginf(state["reward"]).flatten() if state.get("reward") is not None else torch.zeros_like(bad)
+        if (bad & ~dead).any():
+            raise ValueError("the reward gradient is not finite for particles with finite reward "
+                             f"{torch.nonzero(bad & ~dead).flatten().tolist()[:10]}")
+        h = torch.where(append_dims(bad, h.ndim), 0.0, h)
+    s_up = float(sigma_up)
+    x_next = x_next + s_up**2 * h
+    h64, z64 = h.flatten(1).double(), z.flatten(1).double()
+    log_ratio = -s_up * (h64 * z64).sum(1) - 0.5 * s_up**2 * (h64**2).sum(1)
+    return x_next.view_as(x), log_ratio.view(groups, n)
