@@ -40,28 +40,37 @@ def _vae_factors(vae) -> tuple[float, float]:
     return float(scaling), float(shift)
 
 
-def from_latent_to_pil(vae, z: Tensor) -> list[Image.Image]:
-    """Decode latents with a diffusers-style VAE (its ``scaling_factor``/``shift_factor``) to PIL images."""
+def vae_decode(vae, z: Tensor) -> Tensor:
+    """Latents → images in [-1, 1] through a diffusers-style VAE (differentiable; float32 out)."""
     if z.ndim != 4:
         raise ValueError(f"z must be a [B, C, h, w] latent, got shape {tuple(z.shape)}")
     scaling, shift = _vae_factors(vae)
     param = next(vae.parameters())
+    return vae.decode((z / scaling + shift).to(param.device, param.dtype)).sample.float()
+
+
+def vae_encode(vae, x: Tensor, generator: Generator = None) -> Tensor:
+    """Images in [-1, 1] → scaled latents (posterior mean, or a sample when ``generator`` is given)."""
+    scaling, shift = _vae_factors(vae)
+    param = next(vae.parameters())
+    x = x.to(param.device, param.dtype)
+    if x.shape[1] == 1 and getattr(vae.config, "in_channels", 1) == 3:
+        x = x.repeat(1, 3, 1, 1)
+    dist = vae.encode(x).latent_dist
+    z = dist.mean if generator is None else dist.mean + dist.std * randn_like(dist.mean, generator)
+    return ((z - shift) * scaling).float()
+
+
+def from_latent_to_pil(vae, z: Tensor) -> list[Image.Image]:
+    """Decode latents with a diffusers-style VAE (its ``scaling_factor``/``shift_factor``) to PIL images."""
     with torch.no_grad():
-        x = vae.decode((z / scaling + shift).to(param.device, param.dtype)).sample
-    return to_pil(x)
+        return to_pil(vae_decode(vae, z))
 
 
 def from_pil_to_latent(vae, images: Image.Image | Sequence[Image.Image], generator: Generator = None) -> Tensor:
     """Encode PIL images to scaled latents (posterior mean, or a sample when ``generator`` is given)."""
-    scaling, shift = _vae_factors(vae)
-    param = next(vae.parameters())
-    x = from_pil(images, dtype=param.dtype, device=param.device)
-    if x.shape[1] == 1 and getattr(vae.config, "in_channels", 1) == 3:
-        x = x.repeat(1, 3, 1, 1)
     with torch.no_grad():
-        dist = vae.encode(x).latent_dist
-        z = dist.mean if generator is None else dist.mean + dist.std * randn_like(dist.mean, generator)
-    return (z - shift) * scaling
+        return vae_encode(vae, from_pil(images), generator)
 
 
 def get_init_latent(batch: int, shape: Sequence[int], sigma_max: float, generator: Generator = None,
