@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schedules import sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
+from .schedules import log_sigma_to_t, sigmas_from_alphas_cumprod, t_to_sigma
 from .utils import append_dims
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -40,7 +40,9 @@ class DiscreteDenoiser(torch.nn.Module):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.net, self.prediction_type, self.quantize = net, prediction_type, quantize
-        self.register_buffer("sigmas", sigmas_from_alphas_cumprod(alphas_cumprod).float(), persistent=False)
+        sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+        self.register_buffer("log_sigmas", sigmas.log(), persistent=False)  # float64, for σ → t
 
     @property
     def sigma_min(self) -> float:
@@ -51,7 +53,7 @@ class DiscreteDenoiser(torch.nn.Module):
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        return sigma_to_t(sigma, self.sigmas, self.quantize)
+        return log_sigma_to_t(sigma, self.log_sigmas, self.quantize)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         return t_to_sigma(t, self.sigmas)

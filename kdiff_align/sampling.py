@@ -32,9 +32,14 @@ def check_method(method: str, allowed=METHODS) -> str:
     return method
 
 
-def _last_step(sigma_next: Tensor) -> bool:
-    """True when every item steps to σ = 0 (the final Euler step x = D); mixed grids are rejected."""
-    zero = sigma_next == 0
+def _last_step(sigma_next) -> bool:
+    """True when every item steps to σ = 0 (the final Euler step x = D); mixed grids are rejected.
+
+    A float is checked without touching the device (no synchronisation on GPUs).
+    """
+    if isinstance(sigma_next, (int, float)):
+        return sigma_next == 0
+    zero = torch.as_tensor(sigma_next) == 0
     if zero.any() and not zero.all():
         raise ValueError("sigma_next must be 0 for all batch items or for none")
     return bool(zero.all())
@@ -49,10 +54,11 @@ def ode_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = N
     """
     check_method(method, FIXED_METHODS)
     extra_args = {} if extra_args is None else extra_args
+    last = _last_step(sigma_next)
     sigma, sigma_next = as_sigma(sigma, x), as_sigma(sigma_next, x)
     if denoised is None:
         denoised = model(x, sigma, **extra_args)
-    if _last_step(sigma_next):
+    if last:
         return denoised, denoised
     d = to_d(x, sigma, denoised)
     h = append_dims(sigma_next - sigma, x.ndim)
@@ -87,7 +93,7 @@ def _beta_at(beta, sigma: Tensor) -> Tensor:
 
 def needs_noise(sigma_next, eta: float = 1.0, beta=None) -> bool:
     """Whether an SDE step draws noise (none on the last step, at η = 0 or at β ≡ 0)."""
-    if bool((torch.as_tensor(sigma_next) == 0).all()):
+    if _last_step(sigma_next):
         return False
     return bool(beta != 0) if beta is not None else eta > 0
 
@@ -106,12 +112,13 @@ def sde_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = N
         generator: a ``torch.Generator`` or one per batch item (see ``utils.randn_like``).
     """
     extra_args = {} if extra_args is None else extra_args
+    last, draw = _last_step(sigma_next), noise is None and needs_noise(sigma_next, eta, beta)
     sigma, sigma_next = as_sigma(sigma, x), as_sigma(sigma_next, x)
     if denoised is None:
         denoised = model(x, sigma, **extra_args)
-    if _last_step(sigma_next):
+    if last:
         return denoised, denoised
-    if noise is None and needs_noise(sigma_next, eta, beta):
+    if draw:
         noise = randn_like(x, generator)
     d = to_d(x, sigma, denoised)
     if beta is None:
@@ -204,17 +211,17 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     if method in ADAPTIVE_METHODS:
         if len(sigmas) > 2:
             x = _adaptive(model, x, sigmas[0], sigmas[-2], extra_args, callback, disable, method, rtol, atol)
-        denoised = model(x, as_sigma(sigmas[-2], x), **extra_args)
+        denoised = model(x, as_sigma(float(sigmas[-2]), x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": len(sigmas) - 2, "sigma": sigmas[-2], "sigma_hat": sigmas[-2],
                       "denoised": denoised})
         return denoised
+    s = sigmas.tolist()  # one device sync per run; steps then branch on floats
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, as_sigma(sigmas[i], x), **extra_args)
+        denoised = model(x, as_sigma(s[i], x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x, _ = ode_step(model, x, sigmas[i], sigmas[i + 1], extra_args=extra_args, method=method,
-                        denoised=denoised)
+        x, _ = ode_step(model, x, s[i], s[i + 1], extra_args=extra_args, method=method, denoised=denoised)
     return x
 
 
@@ -230,12 +237,12 @@ def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = Non
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
     if method in ADAPTIVE_METHODS:
         return _adaptive(model, x, sigmas[0], sigmas[-1], extra_args, callback, disable, method, rtol, atol)
+    s = sigmas.tolist()  # one device sync per run; steps then branch on floats
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, as_sigma(sigmas[i], x), **extra_args)
+        denoised = model(x, as_sigma(s[i], x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x, _ = ode_step(model, x, sigmas[i], sigmas[i + 1], extra_args=extra_args, method=method,
-                        denoised=denoised)
+        x, _ = ode_step(model, x, s[i], s[i + 1], extra_args=extra_args, method=method, denoised=denoised)
     return x
 
 
@@ -259,13 +266,14 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     if isinstance(beta, (int, float)) and beta * max_step > 4:
         warnings.warn(f"beta={beta} with steps of up to {max_step:.3g} in σ "
                       "makes β·|Δσ| > 4: the β-SDE discretisation is inaccurate; use more steps or a smaller beta")
+    s = sigmas.tolist()  # one device sync per run; steps then branch on floats
     for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, as_sigma(sigmas[i], x), **extra_args)
+        denoised = model(x, as_sigma(s[i], x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         noise = None
-        if noise_sampler is not None and needs_noise(sigmas[i + 1], eta, beta):
+        if noise_sampler is not None and needs_noise(s[i + 1], eta, beta):
             noise = noise_sampler(sigmas[i], sigmas[i + 1])
-        x, _ = sde_step(model, x, sigmas[i], sigmas[i + 1], extra_args=extra_args, eta=eta, s_noise=s_noise,
+        x, _ = sde_step(model, x, s[i], s[i + 1], extra_args=extra_args, eta=eta, s_noise=s_noise,
                         beta=beta, noise=noise, generator=generator, denoised=denoised)
     return x

@@ -73,15 +73,18 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 
 def sigma_to_t(sigma: Tensor, sigmas_table: Tensor, quantize: bool = False) -> Tensor:
     """Fractional timestep of σ by linear interpolation of log σ in an increasing table."""
-    log_sigmas = sigmas_table.to(sigma.device, torch.float64).clamp_min(1e-30).log()
-    log_sigma = sigma.reshape(-1).to(torch.float64).clamp_min(1e-30).log()
-    dists = log_sigma[None, :] - log_sigmas[:, None]
+    return log_sigma_to_t(sigma, sigmas_table.to(sigma.device, torch.float64).clamp_min(1e-30).log(), quantize)
+
+
+def log_sigma_to_t(sigma: Tensor, log_sigmas: Tensor, quantize: bool = False) -> Tensor:
+    """``sigma_to_t`` against a precomputed increasing log σ table (binary search, clamped to the table)."""
+    log_sigma = sigma.to(log_sigmas.dtype).clamp_min(1e-30).log()
     if quantize:
-        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.dtype)
-    low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
-    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
-    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return ((1 - w) * low_idx + w * (low_idx + 1)).view(sigma.shape).to(sigma.dtype)
+        return (log_sigma[..., None] - log_sigmas).abs().argmin(-1).to(sigma.dtype)
+    high = torch.searchsorted(log_sigmas, log_sigma).clamp(1, log_sigmas.shape[0] - 1)
+    low_value, high_value = log_sigmas[high - 1], log_sigmas[high]
+    w = ((log_sigma - low_value) / (high_value - low_value)).clamp(0, 1)
+    return (high - 1 + w).to(sigma.dtype)
 
 
 def t_to_sigma(t: Tensor, sigmas_table: Tensor) -> Tensor:

@@ -38,6 +38,8 @@ def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
 
 def as_sigma(sigma, x: Tensor) -> Tensor:
     """Turn a float or a scalar/[B] tensor into the [B] σ tensor a denoiser receives."""
+    if isinstance(sigma, (int, float)):
+        return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.ndim == 0:
         return sigma.expand(x.shape[0]).clone()
