@@ -1,0 +1,525 @@
+"""Sampling Demon (Yeh, Lee & Chen, ICLR 2025): reward alignment by choosing among candidate noises.
+
+At each step σ → σ' of the Karras β-SDE (``sampling.sde_step(beta=...)``) Demon draws K noises z_k,
+takes the Heun step with each, looks every candidate ahead to x̂₀ (the denoiser's own Tweedie
+estimate, a supplied consistency model, or a PF-ODE rollout), scores the look-aheads with the reward
+and takes the real step with z* = √N·Σ b_k z_k / ‖Σ b_k z_k‖, b_k the reward weights. Formulas and
+the reference code's defects are in ``reference/demon.md``. Unlike the reference, τ is recomputed at
+every step with a floor and a uniform fallback (B1, B2), ``optimal`` is centred (B3), the sampler ends
+at σ = 0 (B6), runs B items × K candidates per network call (B9), draws from ``generator=`` only
+(B10), works with K = 1 and never reuses a run folder (B11), and reuses D(x, σ) for the chosen step (P1).
+"""
+from __future__ import annotations
+
+import abc
+import json
+import math
+import os
+import re
+import secrets
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from .. import sampling, schedules
+from ..cond import batched_call
+from ..rewards import check_rewards
+from ..utils import as_sigma, check_finite, check_sigmas, randn_like
+
+DEMON_TYPES = ("tanh", "boltzmann", "optimal")
+R_OF_C = ("consistency", "baseline")
+SPREAD_MIN = 1e-8  # rewards whose std is below this have no spread: uniform weights, and the floor of τ
+
+
+def demon_weights(rewards: Tensor, demon_type: str = "tanh", tau="adaptive") -> tuple[Tensor, Tensor]:
+    """Demon's noise weights b ``[B, K]`` from rewards ``[B, K]``, and the τ ``[B]`` used (float64).
+
+    tanh: b = tanh((r − r̄)/τ); boltzmann: b = softmax(r/τ); optimal: b = r − r̄ (centred, unlike the
+    reference). ``tau="adaptive"`` is the per-item std of the K rewards, recomputed at every call and
+    floored at ``SPREAD_MIN``; items whose rewards have no spread (std < ``SPREAD_MIN``, or K = 1) get
+    uniform weights, so z* is the normalised mean noise and nothing is ever NaN.
+    """
+    r = rewards.detach().double()
+    spread = r.std(1) if r.shape[1] > 1 else r.new_zeros(r.shape[0])
+    tau_b = spread.clamp_min(SPREAD_MIN) if tau == "adaptive" else r.new_full(r.shape[:1], float(tau))
+    centred = r - r.mean(1, keepdim=True)
+    if demon_type == "tanh":
+        b = torch.tanh(centred / tau_b[:, None])
+    elif demon_type == "boltzmann":
+        b = torch.softmax(centred / tau_b[:, None], 1)
+    elif demon_type == "optimal":
+        b = centred
+    else:
+        raise ValueError(f"demon_type must be one of {', '.join(DEMON_TYPES)}, got {demon_type!r}")
+    flat = (spread < SPREAD_MIN)[:, None]
+    return torch.where(flat, torch.ones_like(b), b), tau_b
+
+
+def combine_noise(z: Tensor, b: Tensor) -> Tensor:
+    """z* = √N·Σ_k b_k z_k / ‖Σ_k b_k z_k‖ per item: the weighted noise projected on the √N sphere.
+
+    Args:
+        z: candidate noises ``[B, K, ...]``; N is the number of elements of one item.
+        b: weights ``[B, K]``. An item whose weighted sum vanishes falls back to the mean noise.
+    """
+    z32 = z.float()
+    s = torch.einsum("bk,bk...->b...", b.to(z.device, torch.float32), z32)
+    norm = s.flatten(1).norm(dim=1)
+    mean = z32.mean(1)
+    degenerate = (norm == 0) | ~torch.isfinite(norm)
+    s = torch.where(degenerate.view(-1, *[1] * (s.ndim - 1)), mean, s)
+    norm = s.flatten(1).norm(dim=1)
+    return (s * (math.sqrt(s[0].numel()) / norm).view(-1, *[1] * (s.ndim - 1))).to(z.dtype)
+
+
+def rollout_steps(sigma: float, sigma_min: float, sigma_max: float, c_steps: int, rho: float = 7.0) -> int:
+    """Steps of the look-ahead rollout from σ: the reference's ``best_stepnum`` + 1 (σ-proportional).
+
+    n(σ) = max(⌈c·(σ^{1/ρ} − σ_min^{1/ρ}) / (σ_max^{1/ρ} − σ_min^{1/ρ})⌉, 0) + 1, i.e. n(σ) − 1 Heun steps
+    on a Karras grid down to σ_min and the Euler step to 0: 2·n(σ) − 1 evaluations per candidate.
+    """
+    span = sigma_max ** (1 / rho) - sigma_min ** (1 / rho)
+    frac = (sigma ** (1 / rho) - sigma_min ** (1 / rho)) / span if span > 0 else 0.0
+    return max(math.ceil(c_steps * frac - 1e-9), 0) + 1
+
+
+def _rollout_sigmas(sigma_next: float, sigma_min: float, n: int, device) -> Tensor:
+    if n == 1 or sigma_next <= sigma_min:
+        return torch.tensor([sigma_next, 0.0], device=device)
+    return schedules.get_sigmas_karras(n, sigma_min, sigma_next, device=device)
+
+
+def _repeat_rows(kwargs: dict, K: int, batch: int) -> dict:
+    """Repeat every conditioning tensor of batch ``batch`` K times per item (row order b·K + k)."""
+    return {k: v.repeat_interleave(K, 0) if isinstance(v, Tensor) and v.ndim and v.shape[0] == batch
+            else _repeat_rows(v, K, batch) if isinstance(v, dict) else v for k, v in kwargs.items()}
+
+
+def _counted(model, counts: dict, kind: str, max_batch: int | None) -> Callable:
+    """``model`` chunked by ``max_batch`` rows, counting its calls and rows under ``kind``."""
+
+    def call(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        counts[f"{kind}_calls"] += 1 if max_batch is None else math.ceil(x.shape[0] / max_batch)
+        counts[f"{kind}_rows"] += x.shape[0]
+        return batched_call(model, x, sigma, kwargs, max_batch)
+
+    return call
+
+
+def demon_candidates(model, x: Tensor, sigma, sigma_next, denoised: Tensor, *, K: int, beta=0.1,
+                     extra_args: dict | None = None, generator=None) -> tuple[Tensor, Tensor]:
+    """K β-SDE Heun candidates per item, f1 = ``denoised`` shared, f2 in one call of B·K rows.
+
+    Returns the noises ``[B, K, ...]`` (item b's K noises drawn from its own generator when
+    ``generator`` is a list) and the candidates at σ' ``[B·K, ...]`` (row b·K + k).
+    """
+    batch = x.shape[0]
+    z = randn_like(x.new_empty(batch, K, *x.shape[1:]), generator)
+    x_next, _ = sampling.sde_step(model, x.repeat_interleave(K, 0), sigma, sigma_next, beta=beta,
+                                  extra_args=_repeat_rows(extra_args or {}, K, batch), noise=z.flatten(0, 1),
+                                  denoised=denoised.repeat_interleave(K, 0))
+    return z, x_next
+
+
+def lookahead(model, x: Tensor, sigma: float, r_of_c: str = "consistency", *, extra_args: dict | None = None,
+              consistency_model=None, sampler=None, c_steps: int = 20, sigma_min: float = 2e-3,
+              sigma_max: float = 14.6488) -> Tensor:
+    """r∘c's c: x̂₀ of states at σ by one step (``consistency``) or by a PF-ODE rollout (``baseline``).
+
+    Args:
+        consistency_model: a one-step map ``c(x, sigma, **extra_args) -> x̂₀`` (e.g. an LCM wrapped as a
+            denoiser); ``None`` uses the denoiser's own Tweedie estimate x̂₀ = D(x, σ).
+        sampler: the rollout sampler (any ``sampler(model, x, sigmas, extra_args=, disable=)``, e.g. a
+            k-diffusion ``sample_*``); ``None`` is Heun ``odeint`` over ``rollout_steps`` Karras steps.
+    """
+    extra_args = extra_args or {}
+    if r_of_c == "consistency":
+        return (consistency_model or model)(x, as_sigma(sigma, x), **extra_args)
+    n = rollout_steps(float(sigma), sigma_min, sigma_max, c_steps)
+    sigmas = _rollout_sigmas(float(sigma), sigma_min, n, x.device)
+    return (sampler or sampling.odeint)(model, x, sigmas, extra_args=extra_args, disable=True)
+
+
+def _score(reward, x0: Tensor, step: int, sigma: float) -> Tensor:
+    """Rewards of the look-aheads as a checked float64 tensor; failures name the step."""
+    try:
+        return check_rewards(reward(x0), x0.shape[0], "reward")
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            error.add_note(f"while scoring {x0.shape[0]} Demon candidates at step {step} (sigma={sigma:.4g})")
+        raise
+
+
+def demon_steps(sigmas: Tensor, ode_after: float | None) -> int:
+    """Number of Demon steps: those from σ ≥ ``ode_after`` that do not land on σ = 0."""
+    start, nxt = sigmas[:-1], sigmas[1:]
+    steer = (start >= (ode_after or 0.0)) & (nxt > 0)
+    return int(steer.cumprod(0).sum())
+
+
+def demon_cost(sigmas: Tensor, *, K: int = 16, batch: int = 1, r_of_c: str = "consistency", c_steps: int | None = None,
+               ode_after: float | None = 0.11, consistency_model: bool = False) -> dict:
+    """The network cost of ``sample_demon`` with the default samplers (the formula in its docstring)."""
+    steps, m = demon_steps(sigmas, ode_after), len(sigmas) - 1 - demon_steps(sigmas, ode_after)
+    cost = dict(network_rows=0, network_calls=0, consistency_rows=0, consistency_calls=0,
+                reward_calls=steps, reward_rows=steps * batch * K)
+    sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
+    for i in range(steps):
+        if r_of_c == "baseline":
+            look = 2 * rollout_steps(float(sigmas[i + 1]), sigma_min, sigma_max,
+                                         20 if c_steps is None else c_steps) - 1
+        else:
+            look = 0 if consistency_model else 1
+        cost["network_rows"] += batch * (2 + K + K * look)
+        cost["network_calls"] += 3 + look
+        cost["consistency_rows"] += batch * K if consistency_model and r_of_c == "consistency" else 0
+        cost["consistency_calls"] += 1 if consistency_model and r_of_c == "consistency" else 0
+    cost["network_rows"] += batch * (2 * m - 1)
+    cost["network_calls"] += 2 * m - 1
+    return cost
+
+
+def _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args,
+                max_batch) -> None:
+    if not callable(model) or not callable(reward):
+        raise TypeError("model and reward must be callables: D(x, sigma, **extra_args) and reward(x0) -> [B]")
+    check_finite(x, "x")
+    check_sigmas(sigmas, decreasing=True)
+    if not isinstance(K, int) or K < 1:
+        raise ValueError(f"K must be a positive int (candidates per step), got {K!r}")
+    if isinstance(beta, (int, float)) and not beta > 0:
+        raise ValueError(f"beta must be > 0 (Demon needs a stochastic step), got {beta}")
+    if tau != "adaptive" and not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
+        raise ValueError(f"tau must be 'adaptive' or a positive finite number, got {tau!r}")
+    if demon_type not in DEMON_TYPES:
+        raise ValueError(f"demon_type must be one of {', '.join(DEMON_TYPES)}, got {demon_type!r}")
+    if r_of_c not in R_OF_C:
+        raise ValueError(f"r_of_c must be one of {', '.join(R_OF_C)}, got {r_of_c!r}")
+    if c_steps is not None and (not isinstance(c_steps, int) or c_steps < 0):
+        raise ValueError(f"c_steps must be None or an int >= 0 (rollout steps near sigma_max), got {c_steps!r}")
+    if ode_after is not None and not ode_after >= 0:
+        raise ValueError(f"ode_after must be None or a sigma >= 0, got {ode_after!r}")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict, got {type(extra_args).__name__}")
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be None or a positive int, got {max_batch!r}")
+
+
+def _warn_coarse(sigmas: Tensor, beta) -> None:
+    """Warn when β·|Δσ| > 1 on a Demon step: the Heun β-SDE then over- or under-contracts (on the shipped
+    Fashion-MNIST model at σ_max = 80, 8 steps, β = 0.1 sends pixels to ±2600; β·|Δσ| ≤ 1 stays in range)."""
+    if isinstance(beta, (int, float)) and len(sigmas) > 1:
+        step = float((sigmas[:-1] - sigmas[1:]).max())
+        if beta * step > 1:
+            warnings.warn(f"beta={beta} with Demon steps of up to {step:.3g} in sigma gives beta*|dsigma| = "
+                          f"{beta * step:.2g} > 1: the beta-SDE step is inaccurate; use more steps or a smaller beta")
+
+
+@torch.no_grad()
+def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tensor], *, K: int = 16, beta=0.1,
+                 tau="adaptive", demon_type: str = "tanh", r_of_c: str = "consistency", c_steps: int | None = None,
+                 ode_after: float | None = 0.11, extra_args: dict | None = None, callback: Callable | None = None,
+                 disable: bool | None = None, generator=None, return_info: bool = False, consistency_model=None,
+                 sampler: Callable | None = None, max_batch: int | None = None):
+    """Sampling Demon (Yeh et al. 2025) on the Karras β-SDE: B independent runs of K candidates each.
+
+    Demon steps are those from σ ≥ ``ode_after`` not landing on 0; the rest of ``sigmas`` is a plain
+    Heun PF-ODE tail ending at σ = 0. One Demon step σ → σ' costs, in network rows (B items):
+    B [D(x, σ), shared by the candidates and the final step] + B·K [Heun corrector of the candidates,
+    one call] + B·K·L(σ') [look-ahead, one call per stage] + B [corrector of the step with z*], where
+    L = 1 for ``consistency`` with the own denoiser (x̂₀ = D(x', σ')), 0 with ``consistency_model``
+    (which costs B·K rows of that model instead), and 2·n(σ') − 1 for ``baseline`` with the default
+    Heun rollout (n from ``rollout_steps``). Calls: 3 + L per step. The m-step tail costs 2m − 1 calls
+    of B rows; the reward is called once per Demon step with B·K rows. ``demon_cost`` evaluates this.
+
+    With a constant reward (or any reward without spread) z* = √N·z̄/‖z̄‖ is uniform on the √N sphere,
+    independent across steps, with mean 0 and covariance I: Demon is then the base β-SDE with spherical
+    instead of Gaussian noise, which has the same law in the small-step limit.
+
+    Args:
+        x: ``[B, ...]`` noise at ``sigmas[0]``. ``sigmas``: decreasing, ending in 0.
+        reward: ``reward(x0 [B·K, ...]) -> [B·K]``, higher is better; NaN, a wrong length or an exception
+            stops the run with an error naming the step.
+        tau: ``"adaptive"`` (std of each item's K rewards, recomputed every step) or a positive number.
+        r_of_c: look-ahead, ``"consistency"`` (one step) or ``"baseline"`` (PF-ODE rollout); see ``lookahead``.
+        c_steps: rollout steps near σ_max for ``baseline`` (default 20, the reference's).
+        generator: a ``torch.Generator`` or one per item (then a batch equals separate runs).
+        callback: called before each update with ``x, i, sigma, sigma_hat, denoised`` and, on Demon
+            steps, ``reward`` ``[B, K]``, ``weights`` ``[B, K]``, ``tau`` ``[B]``, ``lookahead`` ``[B, K, ...]``.
+        return_info: also return a dict of per-step ``sigma``, ``reward_mean``/``reward_std``/``tau``
+            ``[S, B]``, ``seconds`` and ``nfe`` counts (network, consistency and reward calls and rows).
+        max_batch: the most rows per network call (candidates are chunked, never looped one by one).
+    """
+    _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
+    extra_args = extra_args or {}
+    counts = dict.fromkeys(("network_calls", "network_rows", "consistency_calls", "consistency_rows"), 0)
+    net = _counted(model, counts, "network", max_batch)
+    consistency = _counted(consistency_model, counts, "consistency", max_batch) if consistency_model else None
+    batch, steps = x.shape[0], demon_steps(sigmas, ode_after)
+    sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
+    _warn_coarse(sigmas[:steps + 1], beta)
+    log = {"sigma": [], "reward_mean": [], "reward_std": [], "tau": [], "seconds": []}
+    for i in trange(steps, disable=disable):
+        start = time.perf_counter()
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = net(x, as_sigma(sigma, x), **extra_args)
+        z, x_next = demon_candidates(net, x, sigma, sigma_next, denoised, K=K, beta=beta, extra_args=extra_args,
+                                     generator=generator)
+        x0 = lookahead(net, x_next, sigma_next, r_of_c, extra_args=_repeat_rows(extra_args, K, batch),
+                       consistency_model=consistency, sampler=sampler, c_steps=20 if c_steps is None else c_steps,
+                       sigma_min=sigma_min, sigma_max=sigma_max)
+        r = _score(reward, x0, i, float(sigma_next)).view(batch, K)
+        b, tau_b = demon_weights(r, demon_type, tau)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, "reward": r,
+                      "weights": b, "tau": tau_b, "lookahead": x0.view(batch, K, *x.shape[1:])})
+        x, _ = sampling.sde_step(net, x, sigma, sigma_next, extra_args=extra_args, beta=beta,
+                                 noise=combine_noise(z, b), denoised=denoised)
+        spread = r.std(1) if K > 1 else torch.zeros_like(tau_b)
+        for key, value in (("sigma", float(sigma_next)), ("reward_mean", r.mean(1)), ("reward_std", spread),
+                           ("tau", tau_b), ("seconds", time.perf_counter() - start)):
+            log[key].append(value)
+    tail = None if callback is None else (lambda info: callback({**info, "i": info["i"] + steps}))
+    x = sampling.odeint(net, x, sigmas[steps:], extra_args=extra_args, callback=tail, disable=disable)
+    if not return_info:
+        return x
+    info = {key: torch.stack(v) if v and isinstance(v[0], Tensor) else torch.tensor(v, dtype=torch.float64)
+            for key, v in log.items()}
+    counts.update(reward_calls=steps, reward_rows=steps * batch * K)
+    return x, {**info, "demon_steps": steps, "nfe": counts}
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` through a temporary file in the same folder and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _fresh_directory(root: Path, prompt: str) -> Path:
+    """A new run folder ``<root>/<time>_<prompt>`` (``-2``, ``-3``, ... if taken); never reuses one."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:40] or "run"
+    stem = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{slug}"
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run folder under {root}")
+
+
+def plot_rewards(info: dict, path: Path, ylabel: str = "Reward", title: str = "") -> Path:
+    """Expected reward (mean ± std of the K look-aheads) against σ, log-x, σ decreasing left to right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sigma, mean, std = info["sigma"].numpy(), info["reward_mean"].numpy(), info["reward_std"].numpy()
+    for b in range(mean.shape[1] if mean.ndim == 2 else 0):
+        ax.errorbar(sigma, mean[:, b], yerr=std[:, b], fmt="o-", ms=3, capsize=2)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("σ after the step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+class DemonGenerator(abc.ABC):
+    """The seed's ``DemonGenerater``: subclass it, override ``rewards(pils)``, call ``generate(prompt)``.
+
+    Each ``generate`` writes a fresh folder under ``experiment_directory`` with ``config.json``,
+    ``plain_ode.png`` (PF-ODE from the same initial noise), ``demon.png``, ``rewards.csv`` (per step:
+    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE) and, with
+    ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every candidate).
+
+    Args:
+        T: points of the Karras grid from σ_max to σ_min (T − 1 steps between them, then the step to 0).
+        seed: run n of this object uses seed + n; ``None`` draws a seed, recorded in config.json.
+        pipeline: a ``kdiff_align.pipeline.Pipeline`` (a Stable Diffusion folder or a shipped toy model).
+        consistency_model, max_batch, disable: passed to ``sample_demon``.
+    """
+
+    def __init__(self, cfg: float = 2, beta: float = 0.1, tau="adaptive", K: int = 16, T: int = 64,
+                 demon_type: str = "tanh", r_of_c: str = "baseline", c_steps: int = 20, ode_after: float = 0.11,
+                 seed: int | None = None, save_pils: bool = False, ylabel: str = "Reward",
+                 experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline,
+                 consistency_model=None, max_batch: int | None = None, disable: bool | None = None):
+        if not isinstance(T, int) or T < 2:
+            raise ValueError(f"T must be an int >= 2 (grid points), got {T!r}")
+        for name in ("guided", "sigmas", "get_init_latent", "from_latent_to_pil"):
+            if not hasattr(pipeline, name):
+                raise TypeError(f"pipeline must be a kdiff_align Pipeline (missing .{name}), "
+                                f"got {type(pipeline).__name__}")
+        self.cfg, self.beta, self.tau, self.K, self.T = cfg, beta, tau, K, T
+        self.demon_type, self.r_of_c, self.c_steps, self.ode_after = demon_type, r_of_c, c_steps, ode_after
+        self.seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        self.save_pils, self.ylabel = save_pils, ylabel
+        self.experiment_directory = Path(experiment_directory)
+        self.pipeline, self.consistency_model = pipeline, consistency_model
+        self.max_batch, self.disable, self.runs = max_batch, disable, 0
+
+    @abc.abstractmethod
+    def rewards(self, pils: list) -> list[float]:
+        """Rewards of a list of PIL images, higher is better (one float per image)."""
+
+    def rewards_latent(self, latents: Tensor):
+        """Rewards of latents: decodes them to PIL images and calls ``rewards`` (override to skip PIL)."""
+        self._pils = self.pipeline.from_latent_to_pil(latents)
+        return self.rewards(self._pils)
+
+    def config(self, prompt) -> dict:
+        """The settings of a run, as written to config.json (no model weights, no secrets)."""
+        return {"prompt": prompt, "cfg": self.cfg, "beta": self.beta, "tau": self.tau, "K": self.K, "T": self.T,
+                "demon_type": self.demon_type, "r_of_c": self.r_of_c, "c_steps": self.c_steps,
+                "ode_after": self.ode_after, "seed": self.seed, "run": self.runs, "run_seed": self.seed + self.runs,
+                "save_pils": self.save_pils, "pipeline": type(self.pipeline).__name__,
+                "latent_shape": list(self.pipeline.latent_shape),
+                "consistency_model": None if self.consistency_model is None else type(self.consistency_model).__name__}
+
+    def _save_trajectory(self, folder: Path, info: dict) -> None:
+        pils = getattr(self, "_pils", None) or self.pipeline.from_latent_to_pil(info["lookahead"].flatten(0, 1))
+        folder.mkdir(exist_ok=True)
+        for k, pil in enumerate(pils):
+            _atomic(folder / f"step{info['i']:03d}_k{k:02d}.png", lambda tmp, p=pil: p.save(tmp, format="PNG"))
+
+    def generate(self, prompt) -> dict:
+        """Plain PF-ODE and Demon images of ``prompt`` (a string or a ``{"prompts", "cfgs"}`` dict) from one noise."""
+        condition = prompt if isinstance(prompt, dict) else {"prompts": [prompt], "cfgs": [self.cfg]}
+        name = prompt if isinstance(prompt, str) else " ".join(condition["prompts"])
+        folder = _fresh_directory(self.experiment_directory, name)
+        config = self.config(prompt)
+        self.runs += 1
+        _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        pipe, guided = self.pipeline, self.pipeline.guided(condition)
+        sigmas = pipe.sigmas(self.T)
+        generator = torch.Generator(pipe.device).manual_seed(config["run_seed"])
+        x = pipe.get_init_latent(1, generator=generator)
+        plain = sampling.odeint(guided, x, sigmas, disable=self.disable)
+
+        def reward(x0: Tensor) -> Tensor:
+            self._pils = None
+            return check_rewards(self.rewards_latent(x0), x0.shape[0], f"{type(self).__name__}.rewards")
+
+        callback = (lambda info: "reward" in info and self._save_trajectory(folder / "trajectory", info)) \
+            if self.save_pils else None
+        demon, info = sample_demon(guided, x, sigmas, reward, K=self.K, beta=self.beta, tau=self.tau,
+                                   demon_type=self.demon_type, r_of_c=self.r_of_c, c_steps=self.c_steps,
+                                   ode_after=self.ode_after, callback=callback, disable=self.disable,
+                                   generator=generator, return_info=True, consistency_model=self.consistency_model,
+                                   max_batch=self.max_batch)
+        return self._write_results(folder, plain, demon, info)
+
+    def _write_results(self, folder: Path, plain: Tensor, demon: Tensor, info: dict) -> dict:
+        final = check_rewards(self.rewards_latent(torch.cat([plain, demon])), 2, f"{type(self).__name__}.rewards")
+        final, pils = final.tolist(), self.pipeline.from_latent_to_pil(torch.cat([plain, demon]))
+        for pil, name in zip(pils, ("plain_ode.png", "demon.png")):
+            _atomic(folder / name, lambda tmp, p=pil: p.save(tmp, format="PNG"))
+        rows = ["step,sigma,mean,std,tau,seconds"] + [
+            f"{i},{info['sigma'][i]:.6g},{info['reward_mean'][i, 0]:.6g},{info['reward_std'][i, 0]:.6g},"
+            f"{info['tau'][i, 0]:.6g},{info['seconds'][i]:.4f}" for i in range(info["demon_steps"])]
+        _atomic(folder / "rewards.csv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+        plot_rewards(info, folder / "rewards.png", self.ylabel, f"Demon ({self.demon_type}, K={self.K})")
+        result = {"plain_reward": final[0], "demon_reward": final[1], "demon_steps": info["demon_steps"],
+                  "nfe": info["nfe"], "seconds": float(info["seconds"].sum())}
+        _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        return {**result, "directory": folder, "plain": pils[0], "demon": pils[1], "info": info}
+
+
+class RewardDemon(DemonGenerator):
+    """A ``DemonGenerator`` around ``reward(x0) -> [B]`` on latents (``kdiff_align.rewards`` style)."""
+
+    def __init__(self, reward: Callable[[Tensor], Tensor], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward = reward
+
+    def rewards_latent(self, latents: Tensor):
+        return self.reward(latents)
+
+    def rewards(self, pils: list) -> list[float]:
+        return self.reward(self.pipeline.from_pil_to_latent(pils)).tolist()
+
+
+def cli_rewards(pipe, name: str, class_name: str | None = None) -> Callable[[Tensor], Tensor]:
+    """The command line's rewards on latents: brightness, contrast, jpeg, jpeg-size, classifier (toy models)."""
+    from .. import rewards
+    decode = pipe.decode
+    if name == "brightness":
+        return lambda x0: rewards.brightness(decode(x0).clamp(-1, 1))
+    if name == "contrast":
+        return lambda x0: rewards.contrast(decode(x0).clamp(-1, 1))
+    if name == "jpeg":
+        return rewards.jpeg_compressibility(decode)
+    if name == "jpeg-size":
+        return rewards.jpeg_incompressibility(decode)
+    if name == "classifier":
+        if not hasattr(pipe, "classifier"):
+            raise ValueError("--reward classifier needs a shipped toy model (--model toy)")
+        from .. import toy
+        return toy.classifier_reward(pipe, class_name)
+    raise ValueError(f"reward must be one of brightness, contrast, jpeg, jpeg-size, classifier; got {name!r}")
+
+
+def add_cli(sub) -> None:
+    """``kdiff-align demon --model PATH|toy --prompt ... --reward ...``: one plain and one Demon image."""
+    p = sub.add_parser("demon", help="Sampling Demon on a local diffusers folder or a shipped toy model")
+    p.add_argument("--model", required=True, help="a local diffusers folder, or toy / toy:NAME (fashion, digits, ...)")
+    p.add_argument("--prompt", required=True, help="the prompt (a class name for the toy models)")
+    p.add_argument("--reward", default="brightness",
+                   choices=["brightness", "contrast", "jpeg", "jpeg-size", "classifier"])
+    p.add_argument("--reward-class", default=None,
+                   help="class whose logit is the classifier reward (default: the prompt)")
+    p.add_argument("--K", type=int, default=16)
+    p.add_argument("--T", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--tau", default="adaptive", help="'adaptive' or a positive number")
+    p.add_argument("--demon-type", default="tanh", choices=DEMON_TYPES)
+    p.add_argument("--r-of-c", default="consistency", choices=R_OF_C)
+    p.add_argument("--c-steps", type=int, default=20)
+    p.add_argument("--ode-after", type=float, default=0.11)
+    p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="experiments/demon", help="experiment directory (a fresh run folder inside)")
+    p.add_argument("--save-pils", action="store_true", help="save every candidate's look-ahead image")
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--fp16", action="store_true", help="run the networks in float16 (diffusers folders)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cli_main)
+
+
+def cli_main(args) -> int:
+    """Run ``kdiff-align demon``: load the model, build the reward, generate, print the two rewards."""
+    if args.model == "toy" or args.model.startswith("toy:"):
+        from .. import toy
+        pipe = toy.load(args.model.partition(":")[2] or "fashion", device=args.device or "cpu")
+    else:
+        from ..pipeline import from_pretrained
+        pipe = from_pretrained(args.model, torch_dtype=torch.float16 if args.fp16 else None, device=args.device)
+    tau = args.tau if args.tau == "adaptive" else float(args.tau)
+    reward = cli_rewards(pipe, args.reward, args.reward_class or args.prompt)
+    gen = RewardDemon(reward, cfg=args.cfg, beta=args.beta, tau=tau, K=args.K, T=args.T, demon_type=args.demon_type,
+                      r_of_c=args.r_of_c, c_steps=args.c_steps, ode_after=args.ode_after, seed=args.seed,
+                      save_pils=args.save_pils, ylabel=f"{args.reward} reward", experiment_directory=args.out,
+                      pipeline=pipe, max_batch=args.max_batch, disable=args.no_progress or None)
+    out = gen.generate(args.prompt)
+    print(f"{args.reward} reward: plain ODE {out['plain_reward']:.4f}, Demon {out['demon_reward']:.4f} "
+          f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, {out['seconds']:.1f} s)")
+    print(f"wrote {out['directory']}")
+    return 0
