@@ -1,7 +1,17 @@
+import pytest
+
 from kdiff_align.cli import main
 
 
-def test_demo_quick_writes_png(tmp_path, capsys):
-    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "mixture_samples.png").stat().st_size > 1000
-    assert "odeint heun" in capsys.readouterr().out
+@pytest.mark.parametrize("command", ["demo", "demon", "generate"])
+def test_subcommands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: kdiff-align " + command in capsys.readouterr().out
+
+
+def test_unknown_command_fails():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["nope"])
+    assert exit_info.value.code == 2
