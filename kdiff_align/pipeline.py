@@ -183,7 +183,7 @@ def sdxl_prompt_encoder(encoders: list, tokenizers: list, time_ids: Tensor,
 
 
 def from_pretrained(path, torch_dtype: torch.dtype | None = None, device=None) -> Pipeline:
-    """Load a Stable Diffusion (1.x, 2.x, SDXL) diffusers folder from a local path as a ``Pipeline``.
+    """Load a Stable Diffusion (1.x, 2.x, SDXL, or SD3 via ``sd3.from_pretrained``) local diffusers folder.
 
     Nothing is downloaded. Components are attributes with diffusers' names (``unet``, ``vae``,
     ``scheduler``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``; absent ones are
@@ -204,6 +204,9 @@ def from_pretrained(path, torch_dtype: torch.dtype | None = None, device=None) -
         raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = _model_index(root)
+    from . import sd3
+    if sd3.is_sd3_folder(root, index):  # rectified-flow SD3 folders (transformer + flow scheduler)
+        return sd3.from_pretrained(root, dtype, device)
     for name in ("unet", "vae", "scheduler"):
         _check_component(root, name)
 
