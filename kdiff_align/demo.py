@@ -1,0 +1,192 @@
+"""The main job, ``kdiff-align demo``: plain sampling and reward alignment on the shipped Fashion-MNIST model.
+
+For each reward (the classifier logit of ``CLASS_NAME``, differentiable; the JPEG compressibility,
+non-differentiable) every entry of ``methods()`` turns the same initial noises into images; the demo
+writes one image grid per method, a reward-against-NFE plot and ``results.json``, and prints a table.
+
+A method entry is ``fn(pipe, x_T, reward, generator, disable, steps) -> (images, nfe)``: ``x_T`` is
+``[B, *latent_shape]`` noise at σ_max, ``reward(x0) -> [B]``, ``nfe`` the network evaluations spent
+per output image. Add an alignment method by adding one entry to the dict returned by ``methods``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import rewards, sampling, toy
+from .testing import CountingDenoiser
+
+CLASS_NAME = "bag"
+
+
+def unconditional(pipe) -> CountingDenoiser:
+    """The pipeline's null-class denoiser D(x, σ), counting the rows it evaluates."""
+    null = len(pipe.class_names)
+
+    def model(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+        return pipe.denoiser(x, sigma, class_labels=labels, **kwargs)
+
+    return CountingDenoiser(model)
+
+
+def plain(pipe, x_T: Tensor, reward, generator, disable, steps: int) -> tuple[Tensor, float]:
+    """Plain PF-ODE sampling (Heun), ignoring the reward."""
+    model = unconditional(pipe)
+    x0 = sampling.odeint(model, x_T, pipe.sigmas(steps), disable=disable)
+    return x0, model.rows / x_T.shape[0]
+
+
+def best_of_n(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int = 4) -> tuple[Tensor, float]:
+    """Best-of-N: N independent plain samples per output (``x_T`` and N − 1 fresh noises), keep the best."""
+    b = x_T.shape[0]
+    extra = torch.randn((n - 1) * b, *x_T.shape[1:], generator=generator, dtype=x_T.dtype) * pipe.init_sigma
+    candidates, nfe = plain(pipe, torch.cat([x_T, extra.to(x_T.device)]), reward, generator, disable, steps)
+    with torch.no_grad():
+        scores = rewards.check_rewards(reward(candidates), n * b, "reward").view(n, b)
+    best = scores.argmax(0)
+    return candidates.view(n, b, *x_T.shape[1:])[best, torch.arange(b)], nfe * n
+
+
+def demon(pipe, x_T: Tensor, reward, generator, disable, steps: int, K: int = 4) -> tuple[Tensor, float]:
+    """Sampling Demon (tanh, adaptive τ, one-step x̂₀ look-ahead, K candidates per step)."""
+    from .align.demon import sample_demon
+    model, sigmas = unconditional(pipe), pipe.sigmas(steps)
+    beta = min(0.1, 1 / float((sigmas[:-2] - sigmas[1:-1]).max()))  # β·|Δσ| ≤ 1 keeps the β-SDE step accurate
+    x0 = sample_demon(model, x_T, sigmas, reward, K=K, beta=beta, generator=generator, disable=disable)
+    return x0, model.rows / x_T.shape[0]
+
+
+def smc_steering(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int = 4,
+                 alpha: float = 0.1) -> tuple[Tensor, float]:
+    """SMC / FK steering (gradient-free prior proposal, tempered twist): N particles, one drawn by weight."""
+    from .align.smc import sample_smc
+    model = unconditional(pipe)
+    extra = torch.randn(x_T.shape[0], n - 1, *x_T.shape[1:], generator=generator, dtype=x_T.dtype) * pipe.init_sigma
+    x = torch.cat([x_T[:, None], extra.to(x_T.device)], 1)
+    res = sample_smc(model, x, pipe.sigmas(steps), reward, num_particles=n, alpha=alpha, proposal="prior",
+                     select="resample", generator=generator, disable=disable)
+    return res.x0[:, 0], model.rows / x_T.shape[0]
+
+
+def newton_inpainting(pipe, x_T: Tensor, reward, generator, disable, steps: int, n_iter: int = 3) -> tuple[Tensor, float]:
+    """Inexact-Newton inpainting (forward passes only): the left half is fixed to a class-conditional sample of
+    ``CLASS_NAME`` (its calls counted too), the rest completed by the unconditional model; ignores the reward."""
+    from .align.newton import Mask, linear_residual, sample_constrained
+    model, b = CountingDenoiser(pipe.denoiser), x_T.shape[0]
+    labels = lambda c: {"class_labels": torch.full((b,), c, dtype=torch.long, device=x_T.device)}
+    noise = torch.randn(x_T.shape, generator=generator, dtype=x_T.dtype).to(x_T.device) * pipe.init_sigma
+    known = sampling.odeint(model, noise, pipe.sigmas(steps), extra_args=labels(pipe.class_names.index(CLASS_NAME)),
+                            disable=disable)
+    mask = torch.zeros(1, 1, *x_T.shape[-2:], device=x_T.device)
+    mask[..., : x_T.shape[-1] // 2] = 1
+    x0 = sample_constrained(model, x_T, pipe.sigmas(steps), linear_residual(Mask(mask), known * mask), n_iter=n_iter,
+                            extra_args=labels(len(pipe.class_names)), generator=generator, disable=disable)
+    return x0, model.rows / b
+
+
+def methods() -> dict[str, Callable]:
+    """The demo's methods, in table order: name → ``fn(pipe, x_T, reward, generator, disable, steps)``."""
+    return {
+        "plain": plain,
+        "best-of-4": best_of_n,
+        "demon K=4": demon,
+        "SMC N=4": smc_steering,
+        "Newton inpaint": newton_inpainting,
+    }
+
+
+def demo_rewards(pipe) -> dict[str, Callable]:
+    """The demo's rewards: a differentiable classifier logit and the non-differentiable JPEG size."""
+    return {
+        f"logit '{CLASS_NAME}'": toy.classifier_reward(pipe, CLASS_NAME),
+        "-JPEG kB": rewards.jpeg_compressibility(pipe.decode),
+    }
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
+
+
+def save_grid(images: dict[str, Tensor], scores: dict[str, Tensor], path: Path, title: str) -> None:
+    """One row of images per reward, each titled with its reward value."""
+    import matplotlib.pyplot as plt
+    rows, cols = len(images), max(len(x) for x in images.values())
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False)
+    for ax_row, (name, x) in zip(axes, images.items()):
+        for j, ax in enumerate(ax_row):
+            ax.axis("off")
+            if j < len(x):
+                ax.imshow(x[j, 0].clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
+                ax.set_title(f"{scores[name][j]:.2f}", fontsize=8)
+        ax_row[0].text(-0.15, 0.5, name, transform=ax_row[0].transAxes, rotation=90, va="center", ha="right",
+                       fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def save_plot(results: list[dict], path: Path) -> None:
+    """Mean reward (± standard error) against network evaluations per image, one panel per reward."""
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["reward"] for r in results))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for r in (r for r in results if r["reward"] == name):
+            ax.errorbar(r["nfe"], r["mean"], yerr=r["sem"], fmt="o", capsize=3, label=r["method"])
+        ax.set_xscale("log")
+        ax.set(xlabel="network evaluations per image", ylabel=name, title=name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool | None = None, seed: int = 0,
+        device="cpu") -> list[dict]:
+    """Run every method on every reward, write the grids, the plot and ``results.json``; return the rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch, steps = (2, 5) if quick else (8, 20)
+    pipe = toy.load("fashion", device)
+    x_T = pipe.get_init_latent(batch, torch.Generator().manual_seed(seed))
+    results, reward_fns = [], demo_rewards(pipe)
+    for method, fn in methods().items():
+        images, scores = {}, {}
+        for reward_name, reward in reward_fns.items():
+            start = time.perf_counter()
+            x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                r = rewards.check_rewards(reward(x0), batch, reward_name).float().cpu()
+            images[reward_name], scores[reward_name] = x0.detach().cpu(), r
+            results.append(dict(method=method, reward=reward_name, mean=r.mean().item(),
+                                sem=(r.std() / batch**0.5).item() if batch > 1 else 0.0, nfe=float(nfe),
+                                seconds=seconds))
+        slug = method.replace(" ", "_").replace("/", "_")
+        save_grid(images, scores, out / f"{slug}.png", f"{method}: {batch} samples from the same noises, {steps} steps")
+    save_plot(results, out / "reward_vs_nfe.png")
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    """The results as an aligned text table."""
+    print(f"{'method':<16}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'seconds':>9}")
+    for r in results:
+        print(f"{r['method']:<16}{r['reward']:<16}{r['mean']:>9.3f}{r['sem']:>8.3f}{r['nfe']:>9.0f}"
+              f"{r['seconds']:>9.2f}")
