@@ -130,8 +130,9 @@ class VLMReward:
             unset or None sends no ``Authorization`` header (local servers).
         timeout: seconds for each request (connect, read, write).
         max_retries: retries per image after the first attempt, shared by all kinds of fault.
-        backoff, max_backoff: the n-th retry waits ``min(backoff * 2**n, max_backoff)`` seconds, or what
-            ``Retry-After`` asks; a ``Retry-After`` beyond ``max_backoff`` fails at once.
+        backoff: the n-th retry waits ``min(backoff * 2**n, max_backoff)`` seconds, or what
+            ``Retry-After`` asks.
+        max_backoff: the longest wait; a ``Retry-After`` beyond it fails at once.
         concurrency: requests in flight at once (the K candidates of a step go in parallel).
         cache: keep scores by (image hash, model, prompt) across calls; a dict may be passed to share one.
     """

@@ -353,7 +353,9 @@ class DemonGenerator(abc.ABC):
         T: points of the Karras grid from σ_max to σ_min (T − 1 steps between them, then the step to 0).
         seed: run n of this object uses seed + n; ``None`` draws a seed, recorded in config.json.
         pipeline: a ``kdiff_align.pipeline.Pipeline`` (a Stable Diffusion folder or a shipped toy model).
-        consistency_model, max_batch, disable: passed to ``sample_demon``.
+        consistency_model: passed to ``sample_demon``.
+        max_batch: passed to ``sample_demon``.
+        disable: passed to ``sample_demon``.
     """
 
     def __init__(self, cfg: float = 2, beta: float = 0.1, tau="adaptive", K: int = 16, T: int = 64,

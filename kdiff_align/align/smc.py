@@ -452,8 +452,9 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
             (FK), each with the terminal correction.
         ess_threshold: resample a group when ESS < ``ess_threshold``·N; 1 resamples at every
             potential step, 0 never.
-        resample_every, resample_window: evaluate potentials (rewards) and consider resampling only at
-            steps ``start, start + every, … ≤ end`` (FK's sparse intervals) and at the last step.
+        resample_every: evaluate potentials (rewards) and consider resampling only every this many
+            steps inside ``resample_window`` (FK's sparse intervals), and at the last step.
+        resample_window: ``(start, end)`` step indices of those sparse steps.
         select: ``"all"`` (weighted particles), ``"resample"`` (N equally weighted draws per group) or
             ``"argmax"`` (the highest-weight particle of each group: best-of-N by weight).
         generator: one ``torch.Generator``, or one per group so a group's run does not depend on others.

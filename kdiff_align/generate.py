@@ -1,0 +1,509 @@
+"""``kdiff-align generate``: many aligned images over a prompt file, sharded across ``torchrun`` ranks.
+
+Every (prompt, seed) pair is one item named ``p<prompt index>-s<seed>``; items go to ranks by
+``experiment.shard`` (item i to rank i mod world size), so the assignment depends only on the prompt
+file, the seeds and the world size, and an item's image depends only on its prompt and seed. Each rank
+writes finished images into one shared ``experiment.Experiment`` directory (atomic PNG, then a manifest
+line), so a rerun after a killed rank or a killed job skips finished images and redoes the rest. After
+a ``torch.distributed`` barrier (gloo on CPU, NCCL on GPU) rank 0 writes the merged report:
+``report.csv``, ``report.md`` (reward table) and ``grid.png``.
+
+    torchrun --nproc_per_node 4 --no-python kdiff-align generate --model toy:fashion \\
+        --prompts prompts.txt --seeds 0-7 --method demon --reward classifier --out runs/bags
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import experiment, rewards, sampling
+from .pipeline import Pipeline
+
+METHODS = ("plain", "demon", "smc", "best_of_n")
+REWARDS = ("jpeg", "jpeg_incompressible", "brightness", "classifier[:CLASS]", "aesthetic:CLIP_DIR", "vlm", "human")
+DIFFERENTIABLE = ("brightness", "classifier", "aesthetic")
+MIXTURE_CLASSES = ["dark", "grey", "light"]
+GRID_ROWS, GRID_COLS = 16, 8  # the report grid shows at most this many prompts × seeds
+
+
+# --- models ------------------------------------------------------------------------------------
+
+class MixtureImageDenoiser(torch.nn.Module):
+    """Exact class-conditional denoiser of a 3-class Gaussian mixture of 1×8×8 images (``toy:mixture``).
+
+    Class c is N(μ_c, s² I); the null class (label 3) is their equal-weight mixture. D is the closed
+    form posterior mean, so runs are fast and need no weights (tests and examples).
+    """
+
+    def __init__(self, std: float = 0.25):
+        super().__init__()
+        from .testing import MixtureDenoiser
+        ramp = torch.linspace(-0.3, 0.3, 8)
+        means = torch.stack([level + ramp[None, :] * ramp[:, None] * 4 for level in (-0.6, 0.0, 0.6)])[:, None]
+        self.register_buffer("means", means)
+        self.std = std
+        self.mixture = MixtureDenoiser(means, torch.full((3,), std), torch.ones(3))
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor) -> Tensor:
+        mean = self.means[class_labels.clamp_max(2)]
+        shrink = self.std**2 / (self.std**2 + sigma.to(x).reshape(-1, 1, 1, 1) ** 2)
+        conditional = mean + shrink * (x - mean)
+        null = (class_labels == 3).reshape(-1, 1, 1, 1)
+        return torch.where(null, self.mixture(x, sigma), conditional)
+
+
+def mixture_pipeline(device="cpu") -> Pipeline:
+    """``toy:mixture``: a closed-form Pipeline whose prompts are ``dark``, ``grey``, ``light`` (``""``: all)."""
+
+    def class_labels(prompts: list[str]) -> dict:
+        unknown = [p for p in prompts if p and p not in MIXTURE_CLASSES]
+        if unknown:
+            raise ValueError(f"unknown prompt(s) {unknown}; prompts must be '' or one of {MIXTURE_CLASSES}")
+        labels = [MIXTURE_CLASSES.index(p) if p else 3 for p in prompts]
+        return {"class_labels": torch.tensor(labels, device=device)}
+
+    pipe = Pipeline(MixtureImageDenoiser().to(device), class_labels, (1, 8, 8), sigma_min=0.002, sigma_max=20.0,
+                    device=device)
+    pipe.class_names = list(MIXTURE_CLASSES)
+    return pipe
+
+
+def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Pipeline:
+    """``toy:NAME`` (fashion, digits, fashion_latent, mixture) or a local diffusers folder → Pipeline."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"model must be 'toy:NAME' or a local diffusers folder, got {spec!r}")
+    if spec == "toy" or spec.startswith("toy:"):
+        name = spec.partition(":")[2] or "fashion"
+        if name == "mixture":
+            return mixture_pipeline(device)
+        from . import toy
+        return toy.load(name, device=device)
+    if not Path(spec).is_dir():
+        raise ValueError(f"model {spec!r} is neither toy:NAME nor an existing diffusers folder")
+    from .pipeline import from_pretrained
+    return from_pretrained(spec, torch_dtype=dtype, device=device)
+
+
+# --- rewards -----------------------------------------------------------------------------------
+
+def parse_reward(spec: str) -> tuple[str, str | None]:
+    """``"classifier:bag"`` → ``("classifier", "bag")``; fails early on an unknown kind."""
+    kind, _, arg = str(spec).partition(":")
+    kinds = ("jpeg", "jpeg_incompressible", "brightness", "classifier", "aesthetic", "vlm", "human")
+    if kind not in kinds:
+        raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {spec!r}")
+    if kind == "aesthetic" and not arg:
+        raise ValueError("reward 'aesthetic' needs the CLIP ViT-L/14 folder: aesthetic:PATH (and --aesthetic-head)")
+    if arg and kind not in ("classifier", "aesthetic"):
+        raise ValueError(f"reward {kind!r} takes no ':' argument, got {spec!r}")
+    return kind, arg or None
+
+
+class RewardFactory:
+    """Builds ``reward(x0) -> Tensor[B]`` on latents for each prompt, sharing expensive parts across prompts."""
+
+    def __init__(self, spec: str, pipe: Pipeline, args):
+        self.kind, self.arg = parse_reward(spec)
+        self.pipe, self.args, self._shared, self._cache = pipe, args, None, {}
+        if self.kind == "classifier" and not hasattr(pipe, "classifier"):
+            raise ValueError("reward 'classifier' needs a shipped toy model with a classifier (--model toy:fashion)")
+        if self.kind == "vlm" and not (args.vlm_url and args.vlm_model):
+            raise ValueError("reward 'vlm' needs --vlm-url and --vlm-model")
+
+    @property
+    def differentiable(self) -> bool:
+        return self.kind in DIFFERENTIABLE
+
+    def _shared_part(self):
+        """The aesthetic scorer, the human chooser or the VLM score cache, made once."""
+        if self._shared is None:
+            if self.kind == "aesthetic":
+                if not self.args.aesthetic_head:
+                    raise ValueError("reward 'aesthetic:PATH' needs --aesthetic-head FILE (the MLP weights)")
+                self._shared = rewards.AestheticScorer(self.arg, self.args.aesthetic_head, device=self.pipe.device)
+            elif self.kind == "human":
+                port = self.args.human_port + int(os.environ.get("RANK", 0)) if self.args.human_port else 0
+                self._shared = rewards.HumanChoice(mode=self.args.human_mode, port=port)
+            else:
+                self._shared = {}
+        return self._shared
+
+    def __call__(self, prompt: str) -> Callable[[Tensor], Tensor]:
+        key = prompt if self.kind in ("classifier", "vlm") else None
+        if key not in self._cache:
+            self._cache[key] = self._build(prompt)
+        return self._cache[key]
+
+    def _build(self, prompt: str) -> Callable[[Tensor], Tensor]:
+        decode, kind = self.pipe.decode, self.kind
+        if kind == "jpeg":
+            return rewards.jpeg_compressibility(decode)
+        if kind == "jpeg_incompressible":
+            return rewards.jpeg_incompressibility(decode)
+        if kind == "brightness":
+            return lambda x0: rewards.brightness(decode(x0).clamp(-1, 1))
+        if kind == "classifier":
+            from . import toy
+            return toy.classifier_reward(self.pipe, self.arg or prompt)
+        if kind == "aesthetic":
+            return rewards.aesthetic_reward(self._shared_part(), decode)
+        if kind == "human":
+            return self._shared_part().reward(decode)
+        vlm = rewards.VLMReward(self.args.vlm_url, self.args.vlm_model, text=prompt, api_key_env=self.args.vlm_key_env,
+                                concurrency=self.args.vlm_concurrency, cache=self._shared_part())
+        return vlm.reward(decode)
+
+    def final_score(self, reward: Callable, x0: Tensor) -> float | None:
+        """The reward of a finished image (None for human choice: a person is not asked twice)."""
+        if self.kind == "human":
+            return None
+        with torch.no_grad():
+            return float(rewards.check_rewards(reward(x0), x0.shape[0], self.kind)[0])
+
+
+# --- methods: fn(pipe, model, x_T, reward, generator, args, log) -> (x0 [1, ...], nfe per image) ----
+
+def run_plain(pipe, model, x_T, reward, generator, args, log):
+    """Heun PF-ODE sampling, ignoring the reward."""
+    return sampling.odeint(model, x_T, pipe.sigmas(args.steps), disable=True), 2 * args.steps - 1
+
+
+def run_best_of_n(pipe, model, x_T, reward, generator, args, log):
+    """N plain samples (x_T and N − 1 more noises from the item's generator) in one batch; keep the best."""
+    x = torch.cat([x_T, pipe.get_init_latent(args.n - 1, generator)]) if args.n > 1 else x_T
+    candidates = sampling.odeint(model, x, pipe.sigmas(args.steps), disable=True)
+    with torch.no_grad():
+        scores = rewards.check_rewards(reward(candidates), args.n, "reward")
+    log({"step": 0, "rewards": scores.tolist()})
+    best = int(scores.argmax())
+    return candidates[best:best + 1], args.n * (2 * args.steps - 1)
+
+
+def run_demon(pipe, model, x_T, reward, generator, args, log):
+    """Sampling Demon (``align.demon.sample_demon``), logging the K rewards and weights of every step."""
+    from .align.demon import sample_demon
+
+    def callback(info):
+        if "reward" in info:
+            log({"step": info["i"], "sigma": float(info["sigma"]), "rewards": info["reward"][0].tolist(),
+                 "weights": info["weights"][0].tolist()})
+
+    tau = args.tau if args.tau == "adaptive" else float(args.tau)
+    x0, info = sample_demon(model, x_T, pipe.sigmas(args.steps), reward, K=args.K, beta=args.beta, tau=tau,
+                            demon_type=args.demon_type, r_of_c=args.r_of_c, ode_after=args.ode_after,
+                            generator=generator, return_info=True, callback=callback, disable=True,
+                            max_batch=args.max_batch)
+    return x0, info["nfe"]["network_rows"]
+
+
+def run_smc(pipe, model, x_T, reward, generator, args, log, differentiable: bool = True):
+    """Tempered SMC (``align.smc.sample_smc``) with ``--particles`` particles; one resampled particle is kept."""
+    from .align.smc import sample_smc
+    proposal = args.proposal if args.proposal != "auto" else ("guided" if differentiable else "prior")
+    x = torch.cat([x_T, pipe.get_init_latent(args.particles - 1, generator)]) if args.particles > 1 else x_T
+
+    def callback(info):
+        if info["reward"] is not None:
+            log({"step": info["i"], "sigma": float(info["sigma"]), "rewards": info["reward"][0].tolist(),
+                 "ess": float(info["ess"][0])})
+
+    result = sample_smc(model, x[None], pipe.sigmas(args.steps), reward, num_particles=args.particles,
+                        alpha=args.alpha, proposal=proposal, select="resample", generator=generator,
+                        callback=callback, disable=True, max_batch=args.max_batch)
+    return result.x0[:, 0], result.nfe["denoiser"] + result.nfe["denoiser_grad"]
+
+
+METHOD_FNS = {"plain": run_plain, "best_of_n": run_best_of_n, "demon": run_demon, "smc": run_smc}
+
+
+# --- items, configuration, distributed ---------------------------------------------------------
+
+def read_prompts(path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file {str(path)!r} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
+    return prompts
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``: non-negative, unique, in the order given."""
+    seeds = []
+    for part in str(text).split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"seeds must look like '0-7' or '0,3,5' (non-negative ints), got {text!r}")
+        seeds.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list without repeats, got {text!r}")
+    return seeds
+
+
+def items(prompts: list[str], seeds: list[int]) -> list[tuple[str, int, int]]:
+    """``(name, prompt index, seed)`` for every prompt and seed, prompt-major; names are stable ids."""
+    return [(f"p{i:05d}-s{seed}", i, seed) for i in range(len(prompts)) for seed in seeds]
+
+
+def run_config(args, prompts: list[str], seeds: list[int]) -> dict:
+    """The settings that define the images (saved as ``config.json``; resuming requires equal ones)."""
+    config = dict(model=args.model, prompts=prompts, seeds=seeds, method=args.method, reward=args.reward,
+                  steps=args.steps, cfg=args.cfg, fp16=args.fp16)
+    method = {"best_of_n": dict(n=args.n),
+              "demon": dict(K=args.K, beta=args.beta, tau=args.tau, demon_type=args.demon_type, r_of_c=args.r_of_c,
+                            ode_after=args.ode_after),
+              "smc": dict(particles=args.particles, alpha=args.alpha, proposal=args.proposal)}.get(args.method, {})
+    reward = dict(vlm_url=args.vlm_url, vlm_model=args.vlm_model) if args.reward == "vlm" else \
+        dict(aesthetic_head=args.aesthetic_head) if args.reward.startswith("aesthetic") else {}
+    return {**config, **method, **reward}
+
+
+def init_distributed(device: str | None, timeout_s: float) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); a plain process is rank 0 of 1."""
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda and (world > 1 or not device)
+                       else device or "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **({"device_id": dev} if cuda else {}))
+    return rank, world, dev
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# --- the job -----------------------------------------------------------------------------------
+
+def generate(args) -> Path | None:
+    """Generate this rank's pending images; rank 0 writes the merged report after a barrier."""
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    seeds = parse_seeds(args.seeds)
+    rank, world, device = init_distributed(args.device, args.barrier_timeout)
+    config = run_config(args, prompts, seeds)
+    secrets = [os.environ.get(args.vlm_key_env, "")] if args.vlm_key_env else []
+    if rank == 0:  # rank 0 creates (or checks) the directory before the others open it
+        exp = experiment.Experiment(args.out, config, secrets=secrets)
+    barrier()
+    if rank != 0:
+        exp = experiment.Experiment(args.out, config, secrets=secrets)
+    table = {name: (i, seed) for name, i, seed in items(prompts, seeds)}
+    mine = experiment.shard(list(table), rank, world)
+    pending = exp.pending(mine)
+    print(f"[rank {rank}/{world}] {len(mine)} items, {len(mine) - len(pending)} already done", file=sys.stderr,
+          flush=True)
+    if pending:
+        make = make_item_fn(args, exp, prompts, table, device)
+        experiment.run_items(exp, mine, make, disable=args.no_progress or rank != 0 or None)
+    barrier()
+    report = write_report(experiment.Experiment(args.out, config, secrets=secrets), prompts, table) \
+        if rank == 0 else None
+    barrier()
+    return report
+
+
+def make_item_fn(args, exp, prompts, table, device) -> Callable:
+    """``make(name) -> PIL image`` for this run: seeded noise, the method, the final reward logged."""
+    pipe = load_model(args.model, device, torch.float16 if args.fp16 else None)
+    factory = RewardFactory(args.reward, pipe, args)
+    method = METHOD_FNS[args.method]
+    extra = {"differentiable": factory.differentiable} if args.method == "smc" else {}
+
+    def make(name: str):
+        index, seed = table[name]
+        prompt = prompts[index]
+        start = time.perf_counter()
+        generator = torch.Generator(pipe.device).manual_seed(seed)
+        x_T = pipe.get_init_latent(1, generator)
+        model = pipe.guided({"prompts": [prompt], "cfgs": [args.cfg]})
+        reward = factory(prompt)
+        log = lambda record: exp.log(record, item=name)  # noqa: E731
+        x0, nfe = method(pipe, model, x_T, reward, generator, args, log, **extra)
+        score = factory.final_score(reward, x0)
+        exp.log({"kind": "image", "prompt_index": index, "prompt": prompt, "seed": seed, "reward": score,
+                 "nfe": float(nfe), "seconds": time.perf_counter() - start}, item=name)
+        return pipe.from_latent_to_pil(x0)[0]
+
+    return make
+
+
+def image_records(exp, table: dict) -> dict[str, dict]:
+    """The ``kind == "image"`` record of every finished item (from the attempt that saved it)."""
+    records = {r["item"]: r for r in exp.steps() if r.get("kind") == "image" and r.get("item") in exp.finished}
+    missing = sorted(set(table) - set(records))
+    if missing:
+        raise RuntimeError(f"{len(missing)} images are not finished in {exp.directory}: {missing[:10]}")
+    return records
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    experiment.atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), t.std().item() if len(values) > 1 else 0.0
+
+
+def write_report(exp, prompts: list[str], table: dict) -> Path:
+    """``report.csv`` (one row per image), ``report.md`` (per-prompt reward table), ``grid.png``."""
+    records, config = image_records(exp, table), exp.config
+    fields = ["name", "prompt_index", "prompt", "seed", "reward", "nfe", "seconds", "file"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for name in table:
+        r = records[name]
+        writer.writerow({**{k: r.get(k) for k in fields}, "name": name, "file": f"images/{name}.png"})
+    _atomic_text(exp.directory / "report.csv", buffer.getvalue())
+    lines = [f"# Generation report: {config['method']} on {config['model']}", "",
+             f"{len(records)} images ({len(prompts)} prompts × {len(config['seeds'])} seeds), reward "
+             f"`{config['reward']}`, {config['steps']} steps, CFG {config['cfg']}.", "",
+             "| prompt | images | reward mean | reward std | NFE / image |", "|---|---|---|---|---|"]
+    for i, prompt in enumerate(prompts):
+        rows = [records[name] for name, (j, _) in table.items() if j == i]
+        mean, std = _mean_std([r["reward"] for r in rows if isinstance(r.get("reward"), (int, float))])
+        nfe = sum(r["nfe"] for r in rows) / len(rows)
+        lines.append(f"| {prompt or '(unconditional)'} | {len(rows)} | {mean:.4f} | {std:.4f} | {nfe:.0f} |")
+    mean, std = _mean_std([r["reward"] for r in records.values() if isinstance(r.get("reward"), (int, float))])
+    lines += [f"| **all** | {len(records)} | {mean:.4f} | {std:.4f} | "
+              f"{sum(r['nfe'] for r in records.values()) / len(records):.0f} |", "",
+              "Per-image values: `report.csv`; images: `images/`; grid: `grid.png`.", ""]
+    _atomic_text(exp.directory / "report.md", "\n".join(lines))
+    save_grid(exp, prompts, table, records, exp.directory / "grid.png")
+    return exp.directory / "report.md"
+
+
+def save_grid(exp, prompts, table, records, path: Path) -> None:
+    """One row per prompt, one column per seed (at most 16 × 8), each titled with its reward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    seeds = list(dict.fromkeys(seed for _, seed in table.values()))[:GRID_COLS]
+    rows = list(range(min(len(prompts), GRID_ROWS)))
+    fig, axes = plt.subplots(len(rows), len(seeds), figsize=(1.4 * len(seeds) + 1, 1.5 * len(rows) + 0.3),
+                             squeeze=False)
+    for r, i in enumerate(rows):
+        for c, seed in enumerate(seeds):
+            name, ax = f"p{i:05d}-s{seed}", axes[r][c]
+            with Image.open(exp.image_path(name)) as im:
+                ax.imshow(im.convert("RGB"))
+            score = records[name].get("reward")
+            ax.set_title(f"s{seed}" + (f": {score:.2f}" if isinstance(score, (int, float)) else ""), fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel((prompts[i] or "(uncond.)")[:24], fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    experiment.atomic_write_bytes(path, buffer.getvalue())
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def add_cli(sub) -> None:
+    """The ``generate`` subcommand."""
+    p = sub.add_parser("generate", help="generate images for a prompt file × seeds; shard with torchrun",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cli_main)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True,
+                   help="toy:NAME (fashion, digits, fashion_latent, mixture) or a local diffusers folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="text file, one prompt per line (class names for toy models)")
+    src.add_argument("--prompt", help="a single prompt")
+    p.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 0,3,5 (default 0-3)")
+    p.add_argument("--method", default="plain", choices=METHODS)
+    p.add_argument("--reward", default="jpeg", help=" | ".join(REWARDS))
+    p.add_argument("--out", required=True, help="experiment directory; an existing one is resumed")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--n", type=int, default=4, help="best_of_n: candidates per image")
+    p.add_argument("--K", type=int, default=8, help="demon: candidates per step")
+    p.add_argument("--beta", type=float, default=0.1, help="demon: β of the Karras SDE")
+    p.add_argument("--tau", default="adaptive", help="demon: 'adaptive' or a positive number")
+    p.add_argument("--demon-type", default="tanh", choices=("tanh", "boltzmann", "optimal"))
+    p.add_argument("--r-of-c", default="consistency", choices=("consistency", "baseline"))
+    p.add_argument("--ode-after", type=float, default=0.11)
+    p.add_argument("--particles", type=int, default=8, help="smc: particles per image")
+    p.add_argument("--alpha", type=float, default=1.0, help="smc: target p(x)·exp(r/α)")
+    p.add_argument("--proposal", default="auto", choices=("auto", "guided", "prior"),
+                   help="smc: auto = guided for differentiable rewards, else prior")
+    p.add_argument("--aesthetic-head", default=None, help="aesthetic: the MLP head's weights file")
+    p.add_argument("--vlm-url", default=None, help="vlm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--vlm-model", default=None)
+    p.add_argument("--vlm-key-env", default="OPENAI_API_KEY", help="vlm: name of the variable holding the API key")
+    p.add_argument("--vlm-concurrency", type=int, default=8)
+    p.add_argument("--human-mode", default="best", choices=("best", "rank"))
+    p.add_argument("--human-port", type=int, default=0,
+                   help="human: port of rank 0's page (rank r uses port + r); 0 picks free ports")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--barrier-timeout", type=float, default=24 * 3600, help="seconds ranks wait for each other")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def check_args(args) -> None:
+    """Fail before any work on arguments that cannot work."""
+    for name in ("steps", "n", "K", "particles", "vlm_concurrency"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tau != "adaptive":
+        try:
+            tau = float(args.tau)
+        except ValueError:
+            tau = math.nan
+        if not 0 < tau < math.inf:
+            raise ValueError(f"--tau must be 'adaptive' or a positive number, got {args.tau!r}")
+    parse_reward(args.reward)
+
+
+def cli_main(args) -> int:
+    import torch.distributed as dist
+    check_args(args)
+    try:
+        report = generate(args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if report is not None:
+        print(f"wrote {report}, {report.with_name('report.csv')} and {report.with_name('grid.png')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kdiff-align generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return cli_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
