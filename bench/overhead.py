@@ -5,6 +5,7 @@
 Targets (issue 3): odeint/sdeint wall time ÷ time inside the network ≤ 1.05;
 batched 3-prompt CFG ÷ looped CFG ≤ 0.6 at batch 1.
 """
+import os
 import time
 
 import torch
@@ -94,5 +95,5 @@ def cfg_ratio(sigmas, size, channels):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("KDIFF_BENCH_THREADS", "1")))
     main()

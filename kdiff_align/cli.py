@@ -8,7 +8,10 @@ from pathlib import Path
 
 def demo(args) -> int:
     """``kdiff-align demo``: the main job of ``kdiff_align.demo`` (grids, reward-vs-NFE plot, table)."""
+    import torch
+
     from . import demo as main_job
+    torch.set_num_threads(args.threads)
     results = main_job.run(args.out, quick=args.quick, disable=args.no_progress or None)
     main_job.print_table(results)
     print(f"wrote {Path(args.out) / 'reward_vs_nfe.png'} and one image grid per method")
@@ -22,6 +25,9 @@ def main(argv=None) -> int:
     p_demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p_demo.add_argument("--quick", action="store_true", help="smaller sizes, for tests")
     p_demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p_demo.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: the small shipped models run fastest and "
+                             "most predictably on one thread per process)")
     p_demo.set_defaults(func=demo)
     from .align import demon
     demon.add_cli(sub)  # kdiff-align demon --model PATH|toy --prompt ... --reward ...
