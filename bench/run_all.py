@@ -72,7 +72,8 @@ def run_script(name: str, tmp: str, timeout: float) -> tuple[str, float, str]:
         return "missing", 0.0, ""
     args = [a.format(tmp=tmp) for a in SMALL.get(name, [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH), os.environ.get("PYTHONPATH", "")]),
-           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+           "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # see bench/README.md (overhead.py)
     start = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(path), *args], cwd=ROOT, env=env, capture_output=True, text=True,
