@@ -9,7 +9,7 @@ import torch
 import kdiff_align as ka
 from kdiff_align.testing import GaussianDenoiser, MixtureDenoiser
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines
 
 # %% [markdown]
 # ## Schedules
