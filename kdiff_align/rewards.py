@@ -243,4 +243,5 @@ def on_pils(score: Callable[[Tensor], Tensor], device="cpu") -> Callable[[list[I
     return rewards
 
 
-from .vlm import VLMError, VLMReward; from .human import HumanChoice, terminal_choice  # noqa: E402,E702
+from .vlm import VLMError, VLMReward  # noqa: E402  (re-exported; vlm imports this module's helpers)
+from .human import HumanChoice, terminal_choice  # noqa: E402
