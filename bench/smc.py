@@ -19,19 +19,7 @@ import kdiff_align as ka
 from kdiff_align.align import smc
 from kdiff_align.rewards import brightness
 from kdiff_align.testing import MixtureDenoiser
-from overhead import ConvNet
-
-
-class Timed(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.seconds = model, 0.0
-
-    def forward(self, *args, **kwargs):
-        start = time.perf_counter()
-        out = self.model(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        return out
+from overhead import ConvNet, Timed
 
 
 def call_time(net, x, sigma, repeats=10):

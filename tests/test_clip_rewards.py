@@ -1,34 +1,20 @@
 """CLIP rewards (aesthetic predictor, PickScore-style, CLIP-score) on tiny random CLIP folders saved with
 ``save_pretrained``: agreement with transformers' own processor + CLIPModel, weight loading, gradients
 through a VAE decoder, PIL adapter and failure modes."""
-import string
 
 import diffusers
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 from kdiff_align import rewards
 from kdiff_align.image import from_pil, to_pil, vae_decode
+from tiny import tiny_tokenizer
 
 IMAGE_SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny (8×8 latents, 32² CLIP inputs): intra-op threads buy nothing, and on a busy
-    2-core runner OpenMP spin-waiting multiplied their CPU time ~50× in measurements; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    chars = string.ascii_lowercase + string.digits + ".,!?'-"
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,15 @@
 copies: the seed's notebook API, inversion, k-diffusion interop, agreement with diffusers' own schedulers,
 one UNet call per guided step, low-precision paths and loader errors."""
 import shutil
-import string
 
 import diffusers
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import kdiff_align as ka
 from kdiff_align.image import to_pil
+from tiny import tiny_tokenizer
 
 KINDS = ("sd15", "sd2v", "sdxl")
 COND3 = {"prompts": ["on moon", "astronaut", "riding a donkey"], "cfgs": [3, 2, 4]}
@@ -26,12 +26,6 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer (no merges) built without any download."""
-    chars = string.ascii_lowercase + string.digits + ".,!?'-"
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 def tiny_text_encoder(cls, seed: int):
