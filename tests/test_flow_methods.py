@@ -15,18 +15,11 @@ from kdiff_align.external import FlowDenoiser
 from kdiff_align.schedules import get_sigmas_flow
 from kdiff_align.testing import GaussianDenoiser, MixtureDenoiser
 from kdiff_align.utils import append_dims
+from test_demon import prefer_rare, two_modes
 from test_smc import M, assert_matches, chain_law, quadratic, tilt
 
 T_SCALE = 1000.0  # as diffusers' SD3 transformer sees t
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: intra-op threads only add synchronisation on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ExactVelocity(torch.nn.Module):
@@ -53,18 +46,6 @@ def gen(seed):
 
 
 # ---- Sampling Demon --------------------------------------------------------------------------------
-
-RARE = 0.2  # weight of the mode at x = +2, which the reward prefers
-
-
-def two_modes():
-    return MixtureDenoiser(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), torch.tensor([0.5, 0.5]),
-                           torch.tensor([1 - RARE, RARE]))
-
-
-def prefer_rare(x0):
-    return x0[:, 0]
-
 
 # shift 3 from t = 0.964 (σ = 27) down to t = 0.003 (σ = 0.003) in 24 steps: σ-steps ≤ 8.4, so β·Δσ < 1 (Demon
 # warns beyond that: the β-SDE step is then inaccurate and over-shoots the reward further)

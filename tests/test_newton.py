@@ -14,14 +14,6 @@ from kdiff_align.utils import generators
 SEEDS = st.integers(0, 2**31 - 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny (d ≤ 64): intra-op threads only add synchronisation, badly so on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class FullGaussian(torch.nn.Module):
     """Exact D for N(μ, Σ) with a full covariance Σ = Q diag(λ) Qᵀ: D(x, σ) = μ + Q diag(λ/(λ + σ²)) Qᵀ(x − μ)."""

@@ -24,14 +24,6 @@ CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 COND3 = {"prompts": ["on moon", "astronaut", "riding a donkey"], "cfgs": [3, 2, 4]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core runner (~50× CPU time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def clip_tokenizer() -> CLIPTokenizer:
     tokens = ["<|startoftext|>", "<|endoftext|>"] + list(CHARS) + [c + "</w>" for c in CHARS]

@@ -17,15 +17,6 @@ COND3 = {"prompts": ["on moon", "astronaut", "riding a donkey"], "cfgs": [3, 2, 
 COND1 = {"prompts": ["an astronaut riding a horse on mars."], "cfgs": [5]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny (8×8 latents, 32² CLIP inputs): intra-op threads buy nothing, and on a busy
-    2-core runner OpenMP spin-waiting multiplied their CPU time ~50× in measurements; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def tiny_text_encoder(cls, seed: int):
