@@ -45,6 +45,8 @@ FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", 
                    "ankle boot"]
 DIGITS_CLASSES = [str(i) for i in range(10)]
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# The shipped evaluation slice of Fashion-MNIST (first 300 test images per class; train/make_eval_slice.py)
+FASHION_EVAL_SLICE = Path(__file__).parent / "data" / "fashion_mnist_eval.npz"
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX = 0.5, 0.002, 80.0
 MODELS = {  # name -> (diffusion weights, classifier weights, VAE weights or None, class names)
     "digits": ("digits.safetensors", "digits_classifier.safetensors", None, DIGITS_CLASSES),
@@ -80,13 +82,23 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST ``(images [N, 1, 28, 28] in [-1, 1], labels [N])`` for ``split`` "train" or "test"."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    root = Path(root) if root is not None else fashion_mnist_dir()
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    """Fashion-MNIST ``(images [N, 1, 28, 28] in [-1, 1], labels [N])``.
+
+    Args:
+        split: "train" or "test" (the full IDX files of the Debian package, for training and the full
+            quality report), or "eval": the shipped slice of 3,000 test images (300 per class), which
+            needs no data set installed and is what tests, notebooks and benchmarks use.
+    """
+    if split not in ("train", "test", "eval"):
+        raise ValueError(f"split must be 'train', 'test' or 'eval', got {split!r}")
+    if split == "eval":
+        with np.load(FASHION_EVAL_SLICE, allow_pickle=False) as data:
+            images, labels = data["images"], data["labels"]
+    else:
+        root = Path(root) if root is not None else fashion_mnist_dir()
+        prefix = "train" if split == "train" else "t10k"
+        images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
     x = torch.from_numpy(images.copy()).float().div_(127.5).sub_(1)[:, None]
     return x, torch.from_numpy(labels.astype(np.int64))
 
