@@ -73,10 +73,26 @@ def slice_kwargs(kwargs: dict, rows: slice) -> dict:
             for k, v in kwargs.items()}
 
 
+def broadcast_kwargs(kwargs: dict, rows: int) -> dict:
+    """Every batch-1 tensor of a (nested) kwargs dict expanded to ``rows`` rows, so it can be sliced by rows."""
+    def expand(v):
+        if isinstance(v, dict):
+            return broadcast_kwargs(v, rows)
+        if isinstance(v, Tensor) and v.ndim and v.shape[0] == 1 and rows != 1:
+            return v.expand(rows, *v.shape[1:])
+        return v
+    return {k: expand(v) for k, v in kwargs.items()}
+
+
 def batched_call(model, x: Tensor, sigma: Tensor, kwargs: dict, max_batch: int | None = None) -> Tensor:
-    """``model(x, sigma, **kwargs)`` in as few calls as ``max_batch`` rows allow (one if ``None``)."""
+    """``model(x, sigma, **kwargs)`` in as few calls as ``max_batch`` rows allow (one if ``None``).
+
+    Batch-1 conditioning tensors are broadcast to the rows of ``x`` before the rows are split.
+    """
     if max_batch is None or x.shape[0] <= max_batch:
         return model(x, sigma, **kwargs)
+    kwargs = broadcast_kwargs(kwargs, x.shape[0])
+    sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
     return torch.cat([model(x[i:i + max_batch], sigma[i:i + max_batch], **slice_kwargs(kwargs, slice(i, i + max_batch)))
                       for i in range(0, x.shape[0], max_batch)])
 

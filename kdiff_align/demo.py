@@ -71,8 +71,8 @@ def smc_steering(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: i
     extra = torch.randn(x_T.shape[0], n - 1, *x_T.shape[1:], generator=generator, dtype=x_T.dtype) * pipe.init_sigma
     x = torch.cat([x_T[:, None], extra.to(x_T.device)], 1)
     res = sample_smc(model, x, pipe.sigmas(steps), reward, num_particles=n, alpha=alpha, proposal="prior",
-                     select="resample", generator=generator, disable=disable)
-    return res.x0[:, 0], model.rows / x_T.shape[0]
+                     select="draw", generator=generator, disable=disable)
+    return res.x0, model.rows / x_T.shape[0]
 
 
 def newton_inpainting(pipe, x_T: Tensor, reward, generator, disable, steps: int, n_iter: int = 3) -> tuple[Tensor, float]:

@@ -208,7 +208,7 @@ def run_demon(pipe, model, x_T, reward, generator, args, log):
 
 
 def run_smc(pipe, model, x_T, reward, generator, args, log, differentiable: bool = True):
-    """Tempered SMC (``align.smc.sample_smc``) with ``--particles`` particles; one resampled particle is kept."""
+    """Tempered SMC (``align.smc.sample_smc``) with ``--particles`` particles; one particle drawn by weight is kept."""
     from .align.smc import sample_smc
     proposal = args.proposal if args.proposal != "auto" else ("guided" if differentiable else "prior")
     x = torch.cat([x_T, pipe.get_init_latent(args.particles - 1, generator)]) if args.particles > 1 else x_T
@@ -219,9 +219,9 @@ def run_smc(pipe, model, x_T, reward, generator, args, log, differentiable: bool
                  "ess": float(info["ess"][0])})
 
     result = sample_smc(model, x[None], pipe.sigmas(args.steps), reward, num_particles=args.particles,
-                        alpha=args.alpha, proposal=proposal, select="resample", generator=generator,
+                        alpha=args.alpha, proposal=proposal, select="draw", generator=generator,
                         callback=callback, disable=True, max_batch=args.max_batch)
-    return result.x0[:, 0], result.nfe["denoiser"] + result.nfe["denoiser_grad"]
+    return result.x0, result.nfe["denoiser"] + result.nfe["denoiser_grad"]
 
 
 METHOD_FNS = {"plain": run_plain, "best_of_n": run_best_of_n, "demon": run_demon, "smc": run_smc}

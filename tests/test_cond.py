@@ -156,3 +156,15 @@ def test_condition_batch_must_match_x():
     conds, (uncond,) = embeddings(1, 2), embeddings(1, 2)
     with pytest.raises(ValueError, match="'emb' has batch 2, expected 1 or 3"):
         cfg_denoiser(model, conds, uncond, [1.0])(torch.ones(3, 3), torch.ones(3))
+
+
+def test_batched_call_broadcasts_batch_one_conditioning_before_chunking():
+    """A batch-1 conditioning tensor is shared by all rows: chunking must broadcast it, not slice it
+    (rows 3.. of a batch-1 tensor are empty). The answer is the unchunked call, exactly (row-wise model)."""
+    from kdiff_align.cond import batched_call
+    model = lambda x, sigma, emb, extra: x * sigma[:, None] + emb.sum(1, keepdim=True) + extra["t"]  # noqa: E731
+    x, sigma = torch.randn(7, 3), torch.rand(7) + 0.1
+    kwargs = {"emb": torch.randn(1, 4), "extra": {"t": torch.randn(1, 3)}}
+    whole = model(x, sigma, **kwargs)
+    for max_batch in (1, 3, 7, 10):
+        torch.testing.assert_close(batched_call(model, x, sigma, kwargs, max_batch), whole, rtol=0, atol=0)

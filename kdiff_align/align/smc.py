@@ -19,27 +19,32 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ..cond import batched_call, slice_kwargs
+from ..cond import batched_call, broadcast_kwargs, slice_kwargs
 from ..sampling import sde_step
 from ..utils import append_dims, check_finite, check_sigmas, get_ancestral_step
 
 RESAMPLING = ("systematic", "stratified", "multinomial", "residual", "ssp")
 TEMPERING = ("exp", "linear", "none", "adaptive")
 POTENTIALS = ("diff", "max", "sum")
-SELECT = ("all", "resample", "argmax")
+SELECT = ("all", "resample", "draw", "argmax")
 GRADS = ("full", "detached")
+CESS_WARN = 0.05  # warn when an incremental weight's conditional ESS falls below this fraction of N
 
 
 @dataclass
 class SMCResult:
     """Particles, weights and traces of ``sample_smc``; ``S`` steps, ``B`` groups of ``N`` particles.
 
-    ``x0`` is ``[B, N, ...]`` (``select="all"`` or ``"resample"``) or ``[B, ...]`` (``"argmax"``: the
-    highest-weight particle, a best-of-N by weight, not a draw from the target). Traces are per step:
+    ``x0`` and ``rewards`` are ``[B, N, ...]`` (``select="all"``, or ``"resample"``: N draws by weight
+    in random slot order) or ``[B, ...]`` (``"draw"``: one particle drawn by weight, a draw from the
+    weighted particles; ``"argmax"``: the highest-weight particle, a best-of-N by weight, not a draw). Traces are per step:
     ``ess`` after reweighting (before resampling), ``lambdas`` the tempering used by the potential,
     ``resampled`` and ``ancestors`` (identity where not resampled), the weighted ``reward_mean`` and
     ``reward_max`` of r(x̂₀) (NaN at steps without a potential), ``nonfinite`` the number of particles
     with zero weight (log-weight −inf, from a reward of −inf). ``nfe`` counts rows by kind.
+    ``min_cess`` ``[B]`` is the smallest conditional ESS N·(ΣW·w̃)²/ΣW·w̃² of any reweighting (W the
+    weights before it, w̃ the incremental weight): below ``CESS_WARN``·N, Ẑ and the weighted estimates
+    rest on a few particles and ``sample_smc`` warns.
     """
     x0: Tensor
     log_weights: Tensor
@@ -54,6 +59,7 @@ class SMCResult:
     rewards: Tensor
     nfe: dict = field(default_factory=dict)
     select: str = "all"
+    min_cess: Tensor | None = None
 
     @property
     def unique_ancestors(self) -> Tensor:
@@ -126,14 +132,32 @@ def _ssp_counts(n_w: Tensor, u: Tensor) -> Tensor:
     return counts.long()
 
 
+def _residual_counts(n_w: Tensor, u: Tensor) -> Tensor:
+    """Residual resampling (Liu & Chen 1998): ⌊N·W⌋ copies, then R remainders drawn i.i.d. ∝ N·W − ⌊N·W⌋.
+
+    ``u`` ``[B, N]`` uniforms; the first R of row b drive its R multinomial draws (R varies by row).
+    """
+    n = n_w.shape[-1]
+    floor = n_w.floor()
+    frac = n_w - floor
+    remaining = n - floor.sum(-1, keepdim=True)
+    cdf = frac.cumsum(-1)
+    cdf = (cdf / cdf[:, -1:].clamp_min(1e-300)).contiguous()
+    draws = torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=n - 1)
+    used = torch.arange(n, device=n_w.device) < remaining.round()
+    extra = torch.zeros_like(floor).scatter_add_(-1, draws, used.to(floor.dtype))
+    return (floor + extra).long()
+
+
 def resample(log_w: Tensor, method: str = "systematic", generator=None) -> Tensor:
     """Ancestor indices ``[B, N]`` drawn from the normalised weights of each row of ``log_w`` ``[B, N]``.
 
     Schemes (Douc & Cappé 2005; Gerber et al. 2019), all unbiased, E[offspring_j] = N·W_j:
     ``multinomial`` (i.i.d.), ``stratified`` (one uniform per stratum), ``systematic`` (one uniform
-    per row), ``residual`` (⌊N·W⌋ copies, systematic on the remainders) and ``ssp``; the last three keep
-    offspring within ⌊N·W⌋..⌈N·W⌉. Runs on ``log_w``'s device; ``generator`` is one
-    ``torch.Generator`` or one per row.
+    per row), ``residual`` (⌊N·W⌋ copies, then R = N − Σ⌊N·W⌋ i.i.d. draws with probabilities
+    ∝ N·W − ⌊N·W⌋) and ``ssp``; systematic and ssp keep offspring within ⌊N·W⌋..⌈N·W⌉ (stratified
+    within one of them, residual within ⌊N·W⌋..⌊N·W⌋ + R). Runs on ``log_w``'s device; ``generator``
+    is one ``torch.Generator`` or one per row.
     """
     if method not in RESAMPLING:
         raise ValueError(f"resampling must be one of {', '.join(RESAMPLING)}; got {method!r}")
@@ -144,17 +168,12 @@ def resample(log_w: Tensor, method: str = "systematic", generator=None) -> Tenso
         raise ValueError("log_w must have no NaN or +inf and at least one finite entry per row")
     batch, n = log_w.shape
     weights = normalize(log_w)[0].exp()
-    if method in ("systematic", "residual"):
-        u = _rand(batch, 1, generator, log_w.device)
-        n_w = n * weights
-        if method == "systematic":
-            cum = n_w.cumsum(-1)
-            cum[:, -1] = n
-            return _counts_to_index(_grid_counts(cum, u))
-        floor = n_w.floor()
-        cum = (n_w - floor).cumsum(-1)
-        cum[:, -1] = n - floor.sum(-1)
-        return _counts_to_index(floor.long() + _grid_counts(cum, u))
+    if method == "systematic":
+        cum = (n * weights).cumsum(-1)
+        cum[:, -1] = n
+        return _counts_to_index(_grid_counts(cum, _rand(batch, 1, generator, log_w.device)))
+    if method == "residual":
+        return _counts_to_index(_residual_counts(n * weights, _rand(batch, n, generator, log_w.device)))
     if method == "ssp":
         return _counts_to_index(_ssp_counts(n * weights, _rand(batch, n - 1, generator, log_w.device)))
     u = _rand(batch, n, generator, log_w.device)
@@ -253,6 +272,7 @@ def _check_reward(values, rows: int, step: int, name: str = "reward") -> Tensor:
 def _grad_rows(model, x, sigma, kwargs, reward_fn, grad, sigma_data, max_batch, nfe, step):
     """D(x, σ) with ∇_x r(D) per row, in chunks of ``max_batch``: full Jacobian or scalar k(σ)·∇_D r."""
     chunk = x.shape[0] if max_batch is None else max_batch
+    kwargs = broadcast_kwargs(kwargs, x.shape[0]) if chunk < x.shape[0] else kwargs
     denoised, rewards, grads = [], [], []
     for i in range(0, x.shape[0], chunk):
         sl = slice(i, i + chunk)
@@ -455,8 +475,12 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
         resample_every: evaluate potentials (rewards) and consider resampling only every this many
             steps inside ``resample_window`` (FK's sparse intervals), and at the last step.
         resample_window: ``(start, end)`` step indices of those sparse steps.
-        select: ``"all"`` (weighted particles), ``"resample"`` (N equally weighted draws per group) or
-            ``"argmax"`` (the highest-weight particle of each group: best-of-N by weight).
+        select: ``"all"`` (weighted particles), ``"resample"`` (N equally weighted draws per group, in
+            random slot order, so any one slot is a draw by weight), ``"draw"`` (one particle per
+            group drawn with probability W_j from ``generator``: the unbiased single image) or
+            ``"argmax"`` (the highest-weight particle of each group: best-of-N by weight, biased).
+            ``log_Z`` and the weighted estimates are unreliable when an incremental weight's
+            conditional ESS falls below ``CESS_WARN``·N (``min_cess``); the sampler then warns.
         generator: one ``torch.Generator``, or one per group so a group's run does not depend on others.
     """
     _check_args(model, x, sigmas, reward, num_particles, alpha, tempering, proposal, grad, potential, eta,
@@ -476,16 +500,20 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
     log_w = torch.full((groups, n), -math.log(n), **f64)
     log_z = torch.zeros(groups, **f64)
     lam = torch.zeros(groups, **f64)
+    min_cess = torch.full((groups,), float(n), **f64)
     state = {"x": x, "applied": torch.zeros(groups, n, **f64), "phi": None}
 
     def reweight(inc):
-        nonlocal log_w, log_z
+        nonlocal log_w, log_z, min_cess
         new = torch.where(torch.isneginf(log_w), -math.inf, log_w + inc)
         if torch.isnan(new).any():
             raise ValueError("NaN incremental log-weight (an infinite reward or drift); check the reward")
         if torch.isneginf(new).all(-1).any():
             dead = torch.nonzero(torch.isneginf(new).all(-1)).flatten().tolist()
             raise ValueError(f"every particle of groups {dead} has zero weight (reward −inf); no estimate")
+        sq = torch.where(torch.isneginf(log_w), -math.inf, log_w + 2 * inc)
+        cess = (2 * new.logsumexp(-1) - sq.logsumexp(-1)).exp() * n  # N(ΣW·w̃)²/ΣW·w̃², W normalised
+        min_cess = torch.minimum(min_cess, cess)
         log_w, lse = normalize(new)
         log_z = log_z + lse
 
@@ -532,16 +560,46 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
         if log_ratio is not None:
             reweight(log_ratio)
 
-    x0, rewards = state["denoised"], state["reward"]
-    if select == "resample":
-        idx = resample(log_w, resampling, generator)
-        x0, rewards = reindex({"x0": x0, "r": rewards}, idx).values()
-        log_w = torch.full_like(log_w, -math.log(n))
-    elif select == "argmax":
-        x0 = x0[torch.arange(groups, device=x.device), log_w.argmax(-1)]
+    _warn_heavy_tails(min_cess, n, potential)
+    x0, rewards, log_w = _select(select, state["denoised"], state["reward"], log_w, resampling, generator)
     return SMCResult(x0=x0, log_weights=log_w, log_Z=log_z, ess=trace["ess"], lambdas=trace["lambdas"],
                      resampled=resampled, ancestors=ancestors, reward_mean=trace["reward_mean"],
-                     reward_max=trace["reward_max"], nonfinite=nonfinite, rewards=rewards, nfe=nfe, select=select)
+                     reward_max=trace["reward_max"], nonfinite=nonfinite, rewards=rewards, nfe=nfe, select=select,
+                     min_cess=min_cess)
+
+
+def _select(select: str, x0: Tensor, rewards: Tensor, log_w: Tensor, resampling: str, generator):
+    """The returned particles: all (weighted), N resampled in random slot order, one drawn by weight, or argmax.
+
+    ``resample`` shuffles the (sorted) ancestors with ``generator``, so every slot, slot 0 included, is
+    marginally a draw from the weighted particles; ``draw`` is one index per group with P(j) = W_j.
+    """
+    groups, n = log_w.shape
+    rows = torch.arange(groups, device=log_w.device)
+    if select == "resample":
+        idx = resample(log_w, resampling, generator)
+        idx = idx.gather(-1, _rand(groups, n, generator, log_w.device).argsort(-1))
+        x0, rewards = reindex({"x0": x0, "r": rewards}, idx).values()
+        return x0, rewards, torch.full_like(log_w, -math.log(n))
+    if select == "draw":
+        cdf = normalize(log_w)[0].exp().cumsum(-1)
+        cdf = (cdf / cdf[:, -1:]).contiguous()
+        j = torch.searchsorted(cdf, _rand(groups, 1, generator, log_w.device), right=True).clamp(max=n - 1)[:, 0]
+        return x0[rows, j], rewards[rows, j], log_w
+    if select == "argmax":
+        j = log_w.argmax(-1)
+        return x0[rows, j], rewards[rows, j], log_w
+    return x0, rewards, log_w
+
+
+def _warn_heavy_tails(min_cess: Tensor, n: int, potential: str) -> None:
+    """Warn when some reweighting left a conditional ESS below ``CESS_WARN``·N (see ``sample_smc``)."""
+    worst = float(min_cess.min()) / n
+    if worst < CESS_WARN:
+        warnings.warn(f"heavy-tailed SMC weights (potential={potential!r}): the conditional ESS of an "
+                      f"incremental weight fell to {worst:.3f}·N < {CESS_WARN}·N in some group, so log_Z and "
+                      "the weighted estimates are unreliable (few particles carry the mass); use more "
+                      "particles, a larger alpha, potential='diff' or a gentler tempering", stacklevel=3)
 
 
 def _propose(model, state, sigma, sigma_next, eta, groups, n, generator, lam_next, alpha):
