@@ -8,6 +8,10 @@ Reward: the LAION aesthetic predictor (``kdiff_align.rewards.AestheticScorer``: 
 on the L2-normalised CLIP ViT-L/14 image embedding), from local weights only, scored on the decoded x̂₀.
 Writes one Demon run folder per prompt (``DemonGenerator``) and ``animals.csv`` / ``animals.md`` with the
 aesthetic score of the plain PF-ODE image and of the Demon image from the same initial noise.
+
+The grid is the reference's by default (``--grid reference``: T Karras points from 14.6488 to 0.002, then 0;
+at T = 64, ode_after = 0.11 that is 45 Demon steps), as in the paper; ``--grid model`` uses SD's own σ range
+14.6146 → 0.0292 (54 Demon steps at T = 64). The cost printed first is ``demon_cost`` on the grid used.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from kdiff_align.align.demon import DEMON_TYPES, R_OF_C, DemonGenerator, RewardDemon
+from kdiff_align.align.demon import DEMON_TYPES, R_OF_C, DemonGenerator, RewardDemon, demon_steps
 from kdiff_align.rewards import AestheticScorer, aesthetic_reward
 
 ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat",
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--K", type=int, default=16)
     p.add_argument("--T", type=int, default=64)
+    p.add_argument("--grid", default="reference", choices=["reference", "model"],
+                   help="sigma range of the Karras grid: the Demon reference's 14.6488 -> 0.002 or the model's own")
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--tau", default="adaptive")
     p.add_argument("--demon-type", default="tanh", choices=DEMON_TYPES)
@@ -90,9 +96,13 @@ def main(argv=None) -> int:
     tau = args.tau if args.tau == "adaptive" else float(args.tau)
     gen = RewardDemon(aesthetic_reward(scorer, pipe.decode), cfg=args.cfg, beta=args.beta, tau=tau, K=args.K,
                       T=args.T, demon_type=args.demon_type, r_of_c=args.r_of_c, c_steps=args.c_steps,
-                      ode_after=args.ode_after, seed=args.seed, ylabel="Aesthetic score",
+                      ode_after=args.ode_after, grid=args.grid, seed=args.seed, ylabel="Aesthetic score",
                       experiment_directory=out / "runs", pipeline=pipe, max_batch=args.max_batch,
                       disable=args.no_progress or None)
+    sigmas, cost = gen.sigmas(), gen.cost()
+    print(f"grid {float(sigmas[0]):.6g} -> {float(sigmas[-2]):.6g} ({args.grid}), T = {args.T}: "
+          f"{demon_steps(sigmas, args.ode_after)} Demon steps, {cost['network_rows']} guided rows per Demon image "
+          f"(+ {2 * args.T - 1} for the plain image)", flush=True)
     rows = evaluate(gen, ANIMALS[:args.limit], out)
     print((out / "animals.md").read_text())
     return 0 if rows else 1

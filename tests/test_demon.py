@@ -469,3 +469,85 @@ def test_digits_model_with_one_class_label_and_max_batch_runs_like_one_call():
     full = sample_demon(pipe.denoiser, x, sigmas, reward, generator=generators([1, 2, 3, 4]), **kw)
     chunked = sample_demon(pipe.denoiser, x, sigmas, reward, generator=generators([1, 2, 3, 4]), max_batch=3, **kw)
     torch.testing.assert_close(chunked, full, atol=1e-4, rtol=1e-4)
+
+
+def test_combine_noise_keeps_float64_precision():
+    """float64 noises are combined in float64: z* equals the definition √N·s/‖s‖ evaluated in float64 to
+    1e-12 (a float32 pass, as before, is off by ~1e-7)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    s = (b[:, :, None, None] * z).sum(1)
+    expected = s * math.sqrt(16) / s.flatten(1).norm(dim=1)[:, None, None]
+    out = combine_noise(z, b)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---- the seed's generator snippet, default pipeline, grid -----------------------------------------
+
+@pytest.mark.filterwarnings("ignore:beta=0.1 with Demon steps")  # T = 8 on σ_max = 80 is coarse on purpose
+def test_seed_snippet_runs_with_the_default_toy_pipeline_and_writes_the_seed_files(tmp_path, monkeypatch):
+    """The seed README's call, spelled ``DemonGenerater`` and without ``pipeline=`` (T and K shrunk from
+    64/16 to keep the test quick; the as-written call runs the same code path). Default: the toy Fashion model."""
+    from kdiff_align.align.demon import MODEL_ENV, DemonGenerater
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+
+    class YourRewardGenerator(DemonGenerater):
+        def rewards(self, pils):
+            return [float(np.asarray(p).mean()) for p in pils]
+
+    generator = YourRewardGenerator(beta=0.1, tau="adaptive", K=4, T=8, demon_type="tanh", r_of_c="consistency",
+                                    ode_after=0.11, cfg=2, save_pils=True, experiment_directory=tmp_path)
+    out = generator.generate(prompt="sneaker")
+    folder = out["directory"]
+    for name in ("init.png", "out.png", "expected_reward.txt", "expected_reward.png", "plain_ode.png", "demon.png"):
+        assert (folder / name).stat().st_size > 0
+    lines = (folder / "expected_reward.txt").read_text().splitlines()
+    assert len(lines) == out["demon_steps"] and all(len(line.split()) == 4 for line in lines)  # mean std sigma seconds
+    mean, std, sigma, _ = map(float, lines[0].split())
+    info = out["info"]
+    assert sigma == pytest.approx(float(info["sigma"][0]), rel=1e-5)
+    assert mean == pytest.approx(float(info["reward_mean"][0, 0]), rel=1e-5)
+    assert (folder / "init.png").read_bytes() == (folder / "plain_ode.png").read_bytes()
+    only_ode = generator.generate(prompt="sneaker", ode=True)
+    assert (only_ode["directory"] / "init.png").exists() and not (only_ode["directory"] / "out.png").exists()
+
+
+def test_default_pipeline_errors_name_what_is_missing(tmp_path, monkeypatch):
+    from kdiff_align.align.demon import MODEL_ENV
+    monkeypatch.setenv(MODEL_ENV, str(tmp_path / "no_such_model"))
+    with pytest.raises(FileNotFoundError, match=MODEL_ENV):
+        Brightest(experiment_directory=tmp_path)
+    monkeypatch.delenv(MODEL_ENV)
+    with pytest.raises(ValueError, match=f"not classes of the default pipeline.*{MODEL_ENV}"):
+        Brightest(K=2, T=4, experiment_directory=tmp_path, disable=True).generate("an astronaut riding a horse")
+    with pytest.raises(ValueError, match="grid"):
+        Brightest(grid=(0.002, 14.0), pipeline=offset_pipeline())
+
+
+def sd_range_pipeline():
+    """A pipeline with Stable Diffusion's σ range (scaled-linear betas: 14.6146 → 0.029167)."""
+    pipe = offset_pipeline()
+    pipe.sigma_max, pipe.sigma_min = 14.614641, 0.029167
+    return pipe
+
+
+@pytest.mark.parametrize("grid, steps, rollout, tweedie", [("reference", 45, 20_575, 1_567), ("model", 54, 22_207, 1_855)])
+def test_quoted_sd_costs_hold_on_the_grid_they_name(grid, steps, rollout, tweedie):
+    """The costs quoted in README/docs/bench (reference grid) and the review's (SD's own range) at K = 16, T = 64."""
+    for r_of_c, rows in (("baseline", rollout), ("consistency", tweedie)):
+        gen = Brightest(K=16, T=64, r_of_c=r_of_c, grid=grid, pipeline=sd_range_pipeline())
+        sigmas = gen.sigmas()
+        assert demon.demon_steps(sigmas, 0.11) == steps and gen.cost()["network_rows"] == rows
+    assert float(sigmas[0]) == pytest.approx(14.6488 if grid == "reference" else 14.614641, rel=1e-6)
+
+
+def test_reference_grid_run_spends_what_demon_cost_says(tmp_path):
+    """A run on grid="reference" uses the 14.6488 → 0.002 Karras grid; its counted NFE equal ``cost()``."""
+    gen = Brightest(K=3, T=6, r_of_c="consistency", grid="reference", seed=0, experiment_directory=tmp_path,
+                    pipeline=sd_range_pipeline(), disable=True)
+    out = gen.generate("abc")
+    assert out["grid"] == pytest.approx([14.6488, 0.002])
+    assert out["nfe"] == out["cost"] == demon_cost(ka.get_sigmas_karras(6, 2e-3, 14.6488), K=3, ode_after=0.11)
+    assert json.loads((out["directory"] / "config.json").read_text())["grid"] == "reference"

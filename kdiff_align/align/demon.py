@@ -34,6 +34,8 @@ from ..utils import as_sigma, check_finite, check_sigmas, randn_like
 DEMON_TYPES = ("tanh", "boltzmann", "optimal")
 R_OF_C = ("consistency", "baseline")
 SPREAD_MIN = 1e-8  # rewards whose std is below this have no spread: uniform weights, and the floor of τ
+REFERENCE_GRID = (14.6488, 2e-3)  # (σ_max, σ_min) of the Demon reference's Karras grid for Stable Diffusion
+MODEL_ENV = "KDIFF_ALIGN_MODEL"  # DemonGenerator's default model: a local diffusers folder or toy:NAME
 
 
 def demon_weights(rewards: Tensor, demon_type: str = "tanh", tau="adaptive") -> tuple[Tensor, Tensor]:
@@ -66,11 +68,14 @@ def combine_noise(z: Tensor, b: Tensor) -> Tensor:
     Args:
         z: candidate noises ``[B, K, ...]``; N is the number of elements of one item.
         b: weights ``[B, K]``. An item whose weighted sum vanishes falls back to the mean noise.
+
+    Computed in z's dtype, at least float32 (float16/bfloat16 noises are combined in float32).
     """
-    z32 = z.float()
-    s = torch.einsum("bk,bk...->b...", b.to(z.device, torch.float32), z32)
+    work = torch.promote_types(z.dtype, torch.float32)
+    zw = z.to(work)
+    s = torch.einsum("bk,bk...->b...", b.to(z.device, work), zw)
     norm = s.flatten(1).norm(dim=1)
-    mean = z32.mean(1)
+    mean = zw.mean(1)
     degenerate = (norm == 0) | ~torch.isfinite(norm)
     s = torch.where(degenerate.view(-1, *[1] * (s.ndim - 1)), mean, s)
     norm = s.flatten(1).norm(dim=1)
@@ -341,18 +346,55 @@ def plot_rewards(info: dict, path: Path, ylabel: str = "Reward", title: str = ""
     return path
 
 
+def default_pipeline(device=None):
+    """DemonGenerator's pipeline when none is given: ``$KDIFF_ALIGN_MODEL`` (a local diffusers folder, or
+    ``toy:NAME``) if set, else the shipped toy Fashion-MNIST model (prompts are its class names)."""
+    from .. import toy
+    spec = os.environ.get(MODEL_ENV, "").strip()
+    if not spec or spec == "toy" or spec.startswith("toy:"):
+        return toy.load(spec.partition(":")[2] or "fashion", device=device or "cpu")
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"{MODEL_ENV}={spec!r} is not a folder: set it to a local Stable Diffusion "
+                                "diffusers folder or to toy:NAME, or pass pipeline=")
+    from ..pipeline import from_pretrained
+    return from_pretrained(spec, device=device)
+
+
+def karras_grid(pipeline, T: int, grid="model") -> Tensor:
+    """The T-point Karras grid (then 0) of a Demon run: the model's own σ range, the reference's, or (σ_max, σ_min)."""
+    if grid == "model":
+        return pipeline.sigmas(T)
+    sigma_max, sigma_min = REFERENCE_GRID if grid == "reference" else grid
+    return schedules.get_sigmas_karras(T, sigma_min, sigma_max, device=pipeline.device)
+
+
+def _check_grid(grid) -> None:
+    if grid in ("model", "reference"):
+        return
+    ok = isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, (int, float)) for v in grid)
+    if not ok or not grid[0] > grid[1] > 0:
+        raise ValueError(f"grid must be 'model', 'reference' or (sigma_max, sigma_min) with sigma_max > sigma_min > 0, "
+                         f"got {grid!r}")
+
+
 class DemonGenerator(abc.ABC):
-    """The seed's ``DemonGenerater``: subclass it, override ``rewards(pils)``, call ``generate(prompt)``.
+    """The seed's ``DemonGenerater`` (also importable under that name): subclass it, override
+    ``rewards(pils)``, call ``generate(prompt)``.
 
     Each ``generate`` writes a fresh folder under ``experiment_directory`` with ``config.json``,
     ``plain_ode.png`` (PF-ODE from the same initial noise), ``demon.png``, ``rewards.csv`` (per step:
-    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE) and, with
-    ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every candidate).
+    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE, the grid and
+    its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every
+    candidate). The seed's names are written too: ``init.png``, ``out.png``, ``expected_reward.txt``
+    (lines ``mean std sigma seconds``) and ``expected_reward.png``.
 
     Args:
         T: points of the Karras grid from σ_max to σ_min (T − 1 steps between them, then the step to 0).
+        grid: that grid's σ range: ``"model"`` (the pipeline's own, SD: 14.6146 → 0.0292), ``"reference"``
+            (the Demon reference's 14.6488 → 0.002, ``REFERENCE_GRID``) or ``(sigma_max, sigma_min)``.
         seed: run n of this object uses seed + n; ``None`` draws a seed, recorded in config.json.
-        pipeline: a ``kdiff_align.pipeline.Pipeline`` (a Stable Diffusion folder or a shipped toy model).
+        pipeline: a ``kdiff_align.pipeline.Pipeline`` (a Stable Diffusion folder or a shipped toy model);
+            ``None`` loads ``default_pipeline()``: ``$KDIFF_ALIGN_MODEL`` or the shipped toy Fashion model.
         consistency_model: passed to ``sample_demon``.
         max_batch: passed to ``sample_demon``.
         disable: passed to ``sample_demon``.
@@ -361,15 +403,18 @@ class DemonGenerator(abc.ABC):
     def __init__(self, cfg: float = 2, beta: float = 0.1, tau="adaptive", K: int = 16, T: int = 64,
                  demon_type: str = "tanh", r_of_c: str = "baseline", c_steps: int = 20, ode_after: float = 0.11,
                  seed: int | None = None, save_pils: bool = False, ylabel: str = "Reward",
-                 experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline,
-                 consistency_model=None, max_batch: int | None = None, disable: bool | None = None):
+                 experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline=None,
+                 grid="model", consistency_model=None, max_batch: int | None = None, disable: bool | None = None):
         if not isinstance(T, int) or T < 2:
             raise ValueError(f"T must be an int >= 2 (grid points), got {T!r}")
+        _check_grid(grid)
+        self.default_model = pipeline is None
+        pipeline = default_pipeline() if pipeline is None else pipeline
         for name in ("guided", "sigmas", "get_init_latent", "from_latent_to_pil"):
             if not hasattr(pipeline, name):
                 raise TypeError(f"pipeline must be a kdiff_align Pipeline (missing .{name}), "
                                 f"got {type(pipeline).__name__}")
-        self.cfg, self.beta, self.tau, self.K, self.T = cfg, beta, tau, K, T
+        self.cfg, self.beta, self.tau, self.K, self.T, self.grid = cfg, beta, tau, K, T, grid
         self.demon_type, self.r_of_c, self.c_steps, self.ode_after = demon_type, r_of_c, c_steps, ode_after
         self.seed = secrets.randbelow(2**31) if seed is None else int(seed)
         self.save_pils, self.ylabel = save_pils, ylabel
@@ -390,7 +435,7 @@ class DemonGenerator(abc.ABC):
         """The settings of a run, as written to config.json (no model weights, no secrets)."""
         return {"prompt": prompt, "cfg": self.cfg, "beta": self.beta, "tau": self.tau, "K": self.K, "T": self.T,
                 "demon_type": self.demon_type, "r_of_c": self.r_of_c, "c_steps": self.c_steps,
-                "ode_after": self.ode_after, "seed": self.seed, "run": self.runs, "run_seed": self.seed + self.runs,
+                "ode_after": self.ode_after, "grid": self.grid, "seed": self.seed, "run": self.runs, "run_seed": self.seed + self.runs,
                 "save_pils": self.save_pils, "pipeline": type(self.pipeline).__name__,
                 "latent_shape": list(self.pipeline.latent_shape),
                 "consistency_model": None if self.consistency_model is None else type(self.consistency_model).__name__}
@@ -401,19 +446,41 @@ class DemonGenerator(abc.ABC):
         for k, pil in enumerate(pils):
             _atomic(folder / f"step{info['i']:03d}_k{k:02d}.png", lambda tmp, p=pil: p.save(tmp, format="PNG"))
 
-    def generate(self, prompt) -> dict:
-        """Plain PF-ODE and Demon images of ``prompt`` (a string or a ``{"prompts", "cfgs"}`` dict) from one noise."""
+    def sigmas(self) -> Tensor:
+        """The grid this generator runs on (``T`` Karras points over ``grid``'s σ range, then 0)."""
+        return karras_grid(self.pipeline, self.T, self.grid)
+
+    def cost(self) -> dict:
+        """``demon_cost`` of one Demon image on the grid actually used (the plain PF-ODE image adds 2T − 1 rows)."""
+        return demon_cost(self.sigmas(), K=self.K, r_of_c=self.r_of_c, c_steps=self.c_steps, ode_after=self.ode_after,
+                          consistency_model=self.consistency_model is not None)
+
+    def _check_prompt(self, condition: dict) -> None:
+        names = getattr(self.pipeline, "class_names", None)
+        unknown = [p for p in condition["prompts"] if names is not None and p and p not in names]
+        if self.default_model and unknown:
+            raise ValueError(f"prompt(s) {unknown} are not classes of the default pipeline (the shipped toy model, "
+                             f"classes {names}); set {MODEL_ENV} to a local Stable Diffusion folder or pass pipeline=")
+
+    def generate(self, prompt, ode: bool = False) -> dict:
+        """Plain PF-ODE and Demon images of ``prompt`` (a string or a ``{"prompts", "cfgs"}`` dict) from one noise.
+
+        ``ode=True`` (the seed's flag) writes only the plain PF-ODE image and skips Demon.
+        """
         condition = prompt if isinstance(prompt, dict) else {"prompts": [prompt], "cfgs": [self.cfg]}
+        self._check_prompt(condition)
         name = prompt if isinstance(prompt, str) else " ".join(condition["prompts"])
         folder = _fresh_directory(self.experiment_directory, name)
         config = self.config(prompt)
         self.runs += 1
         _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
         pipe, guided = self.pipeline, self.pipeline.guided(condition)
-        sigmas = pipe.sigmas(self.T)
+        sigmas = self.sigmas()
         generator = torch.Generator(pipe.device).manual_seed(config["run_seed"])
         x = pipe.get_init_latent(1, generator=generator)
         plain = sampling.odeint(guided, x, sigmas, disable=self.disable)
+        if ode:
+            return self._write_plain(folder, plain)
 
         def reward(x0: Tensor) -> Tensor:
             self._pils = None
@@ -428,20 +495,46 @@ class DemonGenerator(abc.ABC):
                                    max_batch=self.max_batch)
         return self._write_results(folder, plain, demon, info)
 
+    def _save_pngs(self, folder: Path, latents: Tensor, names) -> list:
+        """Decode ``latents`` and write image i under every name of ``names[i]`` (ours and the seed's)."""
+        pils = self.pipeline.from_latent_to_pil(latents)
+        pils = pils if isinstance(pils, list) else [pils]
+        for pil, aliases in zip(pils, names):
+            for name in aliases:
+                _atomic(folder / name, lambda tmp, p=pil: p.save(tmp, format="PNG"))
+        return pils
+
+    def _write_plain(self, folder: Path, plain: Tensor) -> dict:
+        """``ode=True``: the plain PF-ODE image and its reward only."""
+        final = check_rewards(self.rewards_latent(plain), 1, f"{type(self).__name__}.rewards").tolist()
+        (pil,) = self._save_pngs(folder, plain, [("plain_ode.png", "init.png")])
+        result = {"plain_reward": final[0], "grid": [float(self.sigmas()[0]), float(self.sigmas()[-2])]}
+        _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        return {**result, "directory": folder, "plain": pil}
+
     def _write_results(self, folder: Path, plain: Tensor, demon: Tensor, info: dict) -> dict:
         final = check_rewards(self.rewards_latent(torch.cat([plain, demon])), 2, f"{type(self).__name__}.rewards")
-        final, pils = final.tolist(), self.pipeline.from_latent_to_pil(torch.cat([plain, demon]))
-        for pil, name in zip(pils, ("plain_ode.png", "demon.png")):
-            _atomic(folder / name, lambda tmp, p=pil: p.save(tmp, format="PNG"))
+        final = final.tolist()
+        pils = self._save_pngs(folder, torch.cat([plain, demon]), [("plain_ode.png", "init.png"), ("demon.png", "out.png")])
+        steps = range(info["demon_steps"])
         rows = ["step,sigma,mean,std,tau,seconds"] + [
             f"{i},{info['sigma'][i]:.6g},{info['reward_mean'][i, 0]:.6g},{info['reward_std'][i, 0]:.6g},"
-            f"{info['tau'][i, 0]:.6g},{info['seconds'][i]:.4f}" for i in range(info["demon_steps"])]
+            f"{info['tau'][i, 0]:.6g},{info['seconds'][i]:.4f}" for i in steps]
         _atomic(folder / "rewards.csv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
-        plot_rewards(info, folder / "rewards.png", self.ylabel, f"Demon ({self.demon_type}, K={self.K})")
+        seed_rows = [f"{info['reward_mean'][i, 0]:.6g} {info['reward_std'][i, 0]:.6g} {info['sigma'][i]:.6g} "
+                     f"{info['seconds'][i]:.4f}" for i in steps]  # the seed's expected_reward.txt: mean std sigma seconds
+        _atomic(folder / "expected_reward.txt", lambda tmp: tmp.write_text("".join(r + "\n" for r in seed_rows)))
+        for name in ("rewards.png", "expected_reward.png"):
+            plot_rewards(info, folder / name, self.ylabel, f"Demon ({self.demon_type}, K={self.K})")
+        sigmas = self.sigmas()
         result = {"plain_reward": final[0], "demon_reward": final[1], "demon_steps": info["demon_steps"],
-                  "nfe": info["nfe"], "seconds": float(info["seconds"].sum())}
+                  "nfe": info["nfe"], "grid": [float(sigmas[0]), float(sigmas[-2])], "cost": self.cost(),
+                  "seconds": float(info["seconds"].sum())}
         _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         return {**result, "directory": folder, "plain": pils[0], "demon": pils[1], "info": info}
+
+
+DemonGenerater = DemonGenerator  # the seed's spelling
 
 
 class RewardDemon(DemonGenerator):
