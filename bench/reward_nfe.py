@@ -4,8 +4,9 @@
     python bench/reward_nfe.py --quick --no-write
 
 Unconditional sampling (null class), reward = the shipped classifier's logit of "bag" on x̂₀. Every
-method gets the same per-image budgets of network evaluations (rows through the UNet; a backward
-pass through it, used by guided SMC, counts as one more). At a budget B:
+method gets the same per-image budgets of network evaluations, counted by the NFE rule
+(``utils.nfe_summary``): rows through the UNet, plus ``utils.BACKWARD_COST`` (= 1.0, measured by
+``bench/newton.py --tune``) forward rows per backward row, used by guided SMC. At a budget B:
 
 - plain: the Heun PF-ODE with more steps, S = (B + 1)/2 (the reward is ignored);
 - best-of-N: N = B/39 plain 20-step samples, the highest reward kept;
@@ -89,11 +90,11 @@ def demon(demon_type):
 
 def smc(proposal):
     def run(model, reward, pipe, images, budget):
-        n = max(2, round(budget / (SMC_STEPS * (2 if proposal == "guided" else 1))))
+        n = max(2, round(budget / (SMC_STEPS * ((1 + ka.utils.BACKWARD_COST) if proposal == "guided" else 1))))
         x = noise(pipe, images * n, 3).view(images, n, *pipe.latent_shape)
         res = sample_smc(model, x, pipe.sigmas(SMC_STEPS), reward, num_particles=n, alpha=1.0, proposal=proposal,
                          select="resample", disable=True, generator=torch.Generator().manual_seed(4))
-        model.rows += res.nfe["denoiser_grad"]  # the backward pass through the UNet counts as one more row
+        model.rows += res.nfe["total"] - res.nfe["forward"]  # backward rows, in forward equivalents (the NFE rule)
         with torch.no_grad():  # mean over the N resampled particles: the expected reward of one draw
             return reward(res.x0.flatten(0, 1)).view(images, n).mean(1)
     return run

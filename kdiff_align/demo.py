@@ -6,7 +6,10 @@ writes one image grid per method, a reward-against-NFE plot and ``results.json``
 
 A method entry is ``fn(pipe, x_T, reward, generator, disable, steps) -> (images, nfe)``: ``x_T`` is
 ``[B, *latent_shape]`` noise at σ_max, ``reward(x0) -> [B]``, ``nfe`` the network evaluations spent
-per output image. Add an alignment method by adding one entry to the dict returned by ``methods``.
+per output image: a number of forward evaluations, or ``utils.nfe_summary(forward, backward)`` for a
+method that backpropagates through the network (``results.json`` holds ``nfe_forward``,
+``nfe_backward`` and ``nfe``, their total in forward equivalents). Add an alignment method by adding
+one entry to the dict returned by ``methods``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from torch import Tensor
 
 from . import rewards, sampling, toy
 from .testing import CountingDenoiser
+from .utils import nfe_summary
 
 CLASS_NAME = "bag"
 
@@ -168,13 +172,14 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
         for reward_name, reward in reward_fns.items():
             start = time.perf_counter()
             x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
+            nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 r = rewards.check_rewards(reward(x0), batch, reward_name).float().cpu()
             images[reward_name], scores[reward_name] = x0.detach().cpu(), r
             results.append(dict(method=method, reward=reward_name, mean=r.mean().item(),
-                                sem=(r.std() / batch**0.5).item() if batch > 1 else 0.0, nfe=float(nfe),
-                                seconds=seconds))
+                                sem=(r.std() / batch**0.5).item() if batch > 1 else 0.0, nfe=nfe["total"],
+                                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds=seconds))
         slug = method.replace(" ", "_").replace("/", "_")
         save_grid(images, scores, out / f"{slug}.png", f"{method}: {batch} samples from the same noises, {steps} steps")
     save_plot(results, out / "reward_vs_nfe.png")

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import experiment, rewards, sampling
 from .pipeline import Pipeline
+from .utils import BACKWARD_COST, nfe_summary
 
 METHODS = ("plain", "demon", "smc", "best_of_n")
 REWARDS = ("jpeg", "jpeg_incompressible", "brightness", "classifier[:CLASS]", "aesthetic:CLIP_DIR", "vlm", "human")
@@ -221,7 +222,7 @@ def run_smc(pipe, model, x_T, reward, generator, args, log, differentiable: bool
     result = sample_smc(model, x[None], pipe.sigmas(args.steps), reward, num_particles=args.particles,
                         alpha=args.alpha, proposal=proposal, select="draw", generator=generator,
                         callback=callback, disable=True, max_batch=args.max_batch)
-    return result.x0, result.nfe["denoiser"] + result.nfe["denoiser_grad"]
+    return result.x0, {k: result.nfe[k] for k in ("forward", "backward", "total")}
 
 
 METHOD_FNS = {"plain": run_plain, "best_of_n": run_best_of_n, "demon": run_demon, "smc": run_smc}
@@ -338,9 +339,11 @@ def make_item_fn(args, exp, prompts, table, device) -> Callable:
         reward = factory(prompt)
         log = lambda record: exp.log(record, item=name)  # noqa: E731
         x0, nfe = method(pipe, model, x_T, reward, generator, args, log, **extra)
+        nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule: forward, backward, total
         score = factory.final_score(reward, x0)
         exp.log({"kind": "image", "prompt_index": index, "prompt": prompt, "seed": seed, "reward": score,
-                 "nfe": float(nfe), "seconds": time.perf_counter() - start}, item=name)
+                 "nfe": nfe["total"], "nfe_forward": nfe["forward"], "nfe_backward": nfe["backward"],
+                 "seconds": time.perf_counter() - start}, item=name)
         return pipe.from_latent_to_pil(x0)[0]
 
     return make
@@ -369,7 +372,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def write_report(exp, prompts: list[str], table: dict) -> Path:
     """``report.csv`` (one row per image), ``report.md`` (per-prompt reward table), ``grid.png``."""
     records, config = image_records(exp, table), exp.config
-    fields = ["name", "prompt_index", "prompt", "seed", "reward", "nfe", "seconds", "file"]
+    fields = ["name", "prompt_index", "prompt", "seed", "reward", "nfe", "nfe_forward", "nfe_backward", "seconds",
+              "file"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -380,7 +384,8 @@ def write_report(exp, prompts: list[str], table: dict) -> Path:
     lines = [f"# Generation report: {config['method']} on {config['model']}", "",
              f"{len(records)} images ({len(prompts)} prompts × {len(config['seeds'])} seeds), reward "
              f"`{config['reward']}`, {config['steps']} steps, CFG {config['cfg']}.", "",
-             "| prompt | images | reward mean | reward std | NFE / image |", "|---|---|---|---|---|"]
+             f"NFE = forward + {BACKWARD_COST:g} × backward evaluations (forward equivalents; `report.csv` has both).",
+             "", "| prompt | images | reward mean | reward std | NFE / image |", "|---|---|---|---|---|"]
     for i, prompt in enumerate(prompts):
         rows = [records[name] for name, (j, _) in table.items() if j == i]
         mean, std = _mean_std([r["reward"] for r in rows if isinstance(r.get("reward"), (int, float))])

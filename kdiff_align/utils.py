@@ -75,6 +75,18 @@ def default_noise_sampler(x: Tensor, generator: Generator = None) -> Callable[[T
     return lambda sigma, sigma_next: randn_like(x, generator)
 
 
+BACKWARD_COST = 1.0  # one backward row through the denoiser, in forward rows (measured: docs/benchmarks.md, NFE rule)
+
+
+def nfe_summary(forward: int, backward: int = 0, backward_cost: float = BACKWARD_COST) -> dict:
+    """The one NFE rule: forward rows, backward rows (through the denoiser), and their total in forward rows.
+
+    ``total = forward + backward_cost·backward``; ``BACKWARD_COST`` was measured once on the shipped
+    Fashion-MNIST UNet (``bench/newton.py`` prints it again).
+    """
+    return {"forward": forward, "backward": backward, "total": float(forward + backward_cost * backward)}
+
+
 def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas") -> Tensor:
     """Validate a σ grid: 1-D, at least 2 entries, finite, strictly monotone, ending as required."""
     if not isinstance(sigmas, Tensor):

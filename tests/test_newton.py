@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import kdiff_align as ka
 from kdiff_align.align import newton
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
-from kdiff_align.utils import generators
+from kdiff_align.utils import BACKWARD_COST, generators
 
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -403,9 +403,10 @@ def test_dps_baseline_moves_towards_constraint():
     sigmas = ka.get_sigmas_karras(30, 0.02, 10.0)
     x_T = torch.randn(64, 4, generator=gen(0)) * 10
     res = newton.linear_residual(newton.Mask(mask), y)
-    dps, info = newton.sample_dps(model, x_T, sigmas, res, zeta=0.3, generator=gen(1), return_info=True)
+    dps, info = newton.sample_dps(model, x_T, sigmas, res, zeta=0.3, step_space="ve", generator=gen(1),
+                                  return_info=True)
     plain = ka.sdeint(model, x_T, sigmas, eta=1.0, generator=gen(1))
-    assert info["nfe"] == 30
+    assert info["nfe"] == dict(forward=30, backward=30, total=30 + 30 * BACKWARD_COST)
     err = lambda x: (mask * (x - y)).pow(2).sum(1).sqrt().mean()
     assert err(dps) < 0.7 * err(plain)
 
@@ -458,3 +459,33 @@ def test_fashion_super_resolution_consistency(fashion):
     mismatch = lambda x: newton.rms(op(x) - op(x0))
     assert (mismatch(out) <= 0.08).all()
     assert (mismatch(out) <= 0.15 * mismatch(plain)).all()
+
+
+@pytest.mark.parametrize("op", [newton.Mask(torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, 2, 2).repeat(1, 1, 2, 2)),
+                                newton.Downsample(2, "avg")], ids=["mask", "downsample"])
+@pytest.mark.parametrize("step_space", ["vp", "ve"])
+def test_dps_step_is_the_published_update_in_the_vp_scale(op, step_space):
+    """One DPS step σ = 20 → 15 on the exact Gaussian denoiser (J = k·I, k = s²/(s² + σ²)) against the update
+    written out by hand: published ("vp"): x′ + ζ·√(1+σ²)·√(1+σ′²)·k·Aᵀr/‖r‖ with r = y − A x̂₀ (DPS's
+    −ζ_i∇_{x_t}‖r‖ in x_t = x/√(1+σ²) units, mapped back to x); "ve": x′ + ζ·k·Aᵀr/‖Aᵀr‖. x′ is the same
+    seeded solver step without guidance. Float64 throughout: 1e-10."""
+    model = GaussianDenoiser(torch.zeros(1, 4, 4, dtype=torch.float64), 0.5)  # s = 0.5 is exact in float32
+    sigmas = torch.tensor([20.0, 15.0, 0.0], dtype=torch.float64)
+    x_T = torch.randn(3, 1, 4, 4, generator=gen(0), dtype=torch.float64) * 20
+    y = op(torch.randn(3, 1, 4, 4, generator=gen(1), dtype=torch.float64))
+    res = newton.linear_residual(op, y)
+
+    def at_second_step(zeta):
+        seen = []
+        newton.sample_dps(model, x_T, sigmas, res, zeta=zeta, step_space=step_space, generator=gen(2), disable=True,
+                          callback=lambda info: seen.append(info["x"]))
+        return seen[1]
+
+    k = 0.25 / (0.25 + 400.0)
+    r = y - op(model(x_T, torch.full((3,), 20.0, dtype=torch.float64)))
+    e = op.T(r)
+    if step_space == "vp":
+        expected = 0.4 * (401.0 * 226.0) ** 0.5 * k * e / r.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    else:
+        expected = 0.4 * k * e / e.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(at_second_step(0.4) - at_second_step(0.0), expected, rtol=1e-10, atol=1e-10)

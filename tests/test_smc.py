@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import kdiff_align as ka
 from kdiff_align.align import smc
 from kdiff_align.testing import GaussianDenoiser, MixtureDenoiser
-from kdiff_align.utils import generators
+from kdiff_align.utils import BACKWARD_COST, generators
 from strategies import seeds
 
 M = torch.tensor([1.0, -0.5])
@@ -247,10 +247,13 @@ def test_detached_gradient_equals_full_on_a_gaussian_with_sigma_data():
 
 def test_nfe_accounting():
     res, _ = run(groups=2, n=4, steps=10)  # guided, exp schedule: λ_{i+1} > 0 from step 0 on
-    assert res.nfe == dict(calls=10, denoiser=8, denoiser_grad=72, reward=8, reward_grad=72)
+    total = 80 + 72 * BACKWARD_COST  # forward rows + backward rows in forward equivalents (the NFE rule)
+    assert res.nfe == dict(calls=10, denoiser=8, denoiser_grad=72, reward=8, reward_grad=72, forward=80, backward=72,
+                           total=total)
     res, _ = run(groups=2, n=4, steps=10, proposal="prior", resample_every=3, resample_window=(2, 8),
                  max_batch=3)
-    assert res.nfe == dict(calls=30, denoiser=80, denoiser_grad=0, reward=8 * 4, reward_grad=0)  # steps 2,5,8,9
+    assert res.nfe == dict(calls=30, denoiser=80, denoiser_grad=0, reward=8 * 4, reward_grad=0,  # steps 2,5,8,9
+                           forward=80, backward=0, total=80.0)
     assert res.reward_mean.isnan().sum() == 2 * 6
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import trange
 
 from ..cond import batched_call, broadcast_kwargs, slice_kwargs
 from ..sampling import sde_step
-from ..utils import append_dims, check_finite, check_sigmas, get_ancestral_step
+from ..utils import append_dims, check_finite, check_sigmas, get_ancestral_step, nfe_summary
 
 RESAMPLING = ("systematic", "stratified", "multinomial", "residual", "ssp")
 TEMPERING = ("exp", "linear", "none", "adaptive")
@@ -41,7 +41,10 @@ class SMCResult:
     ``ess`` after reweighting (before resampling), ``lambdas`` the tempering used by the potential,
     ``resampled`` and ``ancestors`` (identity where not resampled), the weighted ``reward_mean`` and
     ``reward_max`` of r(x̂₀) (NaN at steps without a potential), ``nonfinite`` the number of particles
-    with zero weight (log-weight −inf, from a reward of −inf). ``nfe`` counts rows by kind.
+    with zero weight (log-weight −inf, from a reward of −inf). ``nfe`` counts rows by kind (``denoiser``
+    without graph, ``denoiser_grad`` with graph and one backward each, ``reward``, ``reward_grad``) and,
+    by the NFE rule (``utils.nfe_summary``), ``forward`` (denoiser rows), ``backward`` (backward rows
+    through the denoiser) and ``total`` (forward equivalents).
     ``min_cess`` ``[B]`` is the smallest conditional ESS N·(ΣW·w̃)²/ΣW·w̃² of any reweighting (W the
     weights before it, w̃ the incremental weight): below ``CESS_WARN``·N, Ẑ and the weighted estimates
     rest on a few particles and ``sample_smc`` warns.
@@ -561,6 +564,7 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
             reweight(log_ratio)
 
     _warn_heavy_tails(min_cess, n, potential)
+    nfe.update(nfe_summary(nfe["denoiser"] + nfe["denoiser_grad"], nfe["denoiser_grad"]))
     x0, rewards, log_w = _select(select, state["denoised"], state["reward"], log_w, resampling, generator)
     return SMCResult(x0=x0, log_weights=log_w, log_Z=log_z, ess=trace["ess"], lambdas=trace["lambdas"],
                      resampled=resampled, ancestors=ancestors, reward_mean=trace["reward_mean"],
@@ -595,11 +599,12 @@ def _select(select: str, x0: Tensor, rewards: Tensor, log_w: Tensor, resampling:
 def _warn_heavy_tails(min_cess: Tensor, n: int, potential: str) -> None:
     """Warn when some reweighting left a conditional ESS below ``CESS_WARN``·N (see ``sample_smc``)."""
     worst = float(min_cess.min()) / n
+    hint = "" if potential == "diff" else ", potential='diff'"
     if worst < CESS_WARN:
         warnings.warn(f"heavy-tailed SMC weights (potential={potential!r}): the conditional ESS of an "
                       f"incremental weight fell to {worst:.3f}·N < {CESS_WARN}·N in some group, so log_Z and "
                       "the weighted estimates are unreliable (few particles carry the mass); use more "
-                      "particles, a larger alpha, potential='diff' or a gentler tempering", stacklevel=3)
+                      f"particles, a larger alpha{hint} or a gentler tempering", stacklevel=3)
 
 
 def _propose(model, state, sigma, sigma_next, eta, groups, n, generator, lam_next, alpha):
