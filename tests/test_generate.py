@@ -232,3 +232,18 @@ def test_vlm_reward_drives_best_of_n_and_key_stays_secret(tmp_path, monkeypatch)
         assert final == pytest.approx(mean, abs=1e-12)  # the saved image is the one the judge scored
     for path in out.rglob("*"):  # the key is sent in the header only, never written
         assert not path.is_file() or secret.encode() not in path.read_bytes()
+
+
+def test_smc_report_counts_backward_passes_by_the_nfe_rule(tmp_path):
+    """Guided SMC, N = 4 particles, 6 steps: 6·4 forward rows and 5·4 backward rows (the last step, σ → 0,
+    has no drift); ``nfe`` is their total in forward equivalents, counted exactly."""
+    from kdiff_align.utils import BACKWARD_COST
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("light\n")
+    out = tmp_path / "run"
+    assert generate.main(["--prompts", str(prompts), "--out", str(out), "--model", "toy:mixture", "--seeds", "0",
+                          "--method", "smc", "--particles", "4", "--steps", "6", "--proposal", "guided",
+                          "--reward", "brightness", "--no-progress"]) == 0
+    (record,) = [r for r in read_jsonl(out / "steps.jsonl") if r.get("kind") == "image"]
+    assert (record["nfe_forward"], record["nfe_backward"]) == (24, 20)
+    assert record["nfe"] == 24 + 20 * BACKWARD_COST
