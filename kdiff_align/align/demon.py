@@ -435,7 +435,8 @@ class DemonGenerator(abc.ABC):
         """The settings of a run, as written to config.json (no model weights, no secrets)."""
         return {"prompt": prompt, "cfg": self.cfg, "beta": self.beta, "tau": self.tau, "K": self.K, "T": self.T,
                 "demon_type": self.demon_type, "r_of_c": self.r_of_c, "c_steps": self.c_steps,
-                "ode_after": self.ode_after, "grid": self.grid, "seed": self.seed, "run": self.runs, "run_seed": self.seed + self.runs,
+                "ode_after": self.ode_after, "grid": self.grid, "seed": self.seed, "run": self.runs,
+                "run_seed": self.seed + self.runs,
                 "save_pils": self.save_pils, "pipeline": type(self.pipeline).__name__,
                 "latent_shape": list(self.pipeline.latent_shape),
                 "consistency_model": None if self.consistency_model is None else type(self.consistency_model).__name__}
@@ -515,7 +516,8 @@ class DemonGenerator(abc.ABC):
     def _write_results(self, folder: Path, plain: Tensor, demon: Tensor, info: dict) -> dict:
         final = check_rewards(self.rewards_latent(torch.cat([plain, demon])), 2, f"{type(self).__name__}.rewards")
         final = final.tolist()
-        pils = self._save_pngs(folder, torch.cat([plain, demon]), [("plain_ode.png", "init.png"), ("demon.png", "out.png")])
+        names = [("plain_ode.png", "init.png"), ("demon.png", "out.png")]  # ours and the seed's
+        pils = self._save_pngs(folder, torch.cat([plain, demon]), names)
         steps = range(info["demon_steps"])
         rows = ["step,sigma,mean,std,tau,seconds"] + [
             f"{i},{info['sigma'][i]:.6g},{info['reward_mean'][i, 0]:.6g},{info['reward_std'][i, 0]:.6g},"

@@ -37,8 +37,8 @@ class SMCResult:
 
     ``x0`` and ``rewards`` are ``[B, N, ...]`` (``select="all"``, or ``"resample"``: N draws by weight
     in random slot order) or ``[B, ...]`` (``"draw"``: one particle drawn by weight, a draw from the
-    weighted particles; ``"argmax"``: the highest-weight particle, a best-of-N by weight, not a draw). Traces are per step:
-    ``ess`` after reweighting (before resampling), ``lambdas`` the tempering used by the potential,
+    weighted particles; ``"argmax"``: the highest-weight particle, a best-of-N by weight, not a draw).
+    Traces are per step: ``ess`` after reweighting (before resampling), ``lambdas`` the tempering used by the potential,
     ``resampled`` and ``ancestors`` (identity where not resampled), the weighted ``reward_mean`` and
     ``reward_max`` of r(x̂₀) (NaN at steps without a potential), ``nonfinite`` the number of particles
     with zero weight (log-weight −inf, from a reward of −inf). ``nfe`` counts rows by kind (``denoiser``
