@@ -551,3 +551,35 @@ def test_reference_grid_run_spends_what_demon_cost_says(tmp_path):
     assert out["grid"] == pytest.approx([14.6488, 0.002])
     assert out["nfe"] == out["cost"] == demon_cost(ka.get_sigmas_karras(6, 2e-3, 14.6488), K=3, ode_after=0.11)
     assert json.loads((out["directory"] / "config.json").read_text())["grid"] == "reference"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:beta=0.1 with Demon steps")  # σ_max = 80 on the toy model: coarse first steps
+def test_seed_snippet_exactly_as_written(tmp_path, monkeypatch):
+    """The seed README's constructor call verbatim (K = 16, T = 64, save_pils=True; 16–41 s on one core): it runs
+    on the default toy model, and its counted NFE equal ``demon_cost`` on the grid it used."""
+    from kdiff_align.align.demon import MODEL_ENV, DemonGenerater
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    class YourRewardGenerator(DemonGenerater):
+        def rewards(self, pils):
+            return [float(np.asarray(p).mean()) for p in pils]
+
+    generator = YourRewardGenerator(
+        beta=0.1,
+        tau="adaptive",
+        K=16,
+        T=64,
+        demon_type="tanh",  # or "boltzmann", "optimal"
+        r_of_c="consistency",  # or "baseline"
+        # c_steps=20, # Meaningful only when r_of_c="baseline"
+        ode_after=0.11,  # Recommended value for Stable Diffusion
+        cfg=2,  # Recommended value in (0, 5]
+        save_pils=True,
+        experiment_directory="experiments/your_experiment",
+    )
+    out = generator.generate(prompt="sneaker")
+    assert (tmp_path / out["directory"]).parent == tmp_path / "experiments" / "your_experiment"
+    assert out["nfe"] == generator.cost() and (out["directory"] / "out.png").exists()
+    assert len(list((out["directory"] / "trajectory").glob("*.png"))) == 16 * out["demon_steps"]
