@@ -116,10 +116,11 @@ SCHEDULERS = [
     ("unipc", {"order": 2}, diffusers.UniPCMultistepScheduler, {"solver_order": 2}),
     ("unipc", {"order": 3}, diffusers.UniPCMultistepScheduler, {"solver_order": 3}),
     # bh1's B(h) = −h is infinite on a step to σ = 0 (diffusers returns NaN there): end at σ_min instead
-    ("unipc", {"order": 3, "variant": "bh1"}, diffusers.UniPCMultistepScheduler,
+    ("unipc", {"order": 3, "variant": "bh1", "lower_order_final": True}, diffusers.UniPCMultistepScheduler,
      {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
-    ("deis", {"order": 3}, diffusers.DEISMultistepScheduler, {"solver_order": 3}),
-    ("deis", {"order": 2}, diffusers.DEISMultistepScheduler, {"solver_order": 2}),
+    # DEIS ends at σ(t = 0) > 0, where our default keeps the full order: ask for diffusers' lowering
+    ("deis", {"order": 3, "lower_order_final": True}, diffusers.DEISMultistepScheduler, {"solver_order": 3}),
+    ("deis", {"order": 2, "lower_order_final": True}, diffusers.DEISMultistepScheduler, {"solver_order": 2}),
     ("lms", {"lower_order_final": False}, diffusers.LMSDiscreteScheduler, {}),
 ]
 
@@ -277,17 +278,16 @@ def test_split_grids_compose_for_sdeint_with_one_generator():
 @pytest.mark.parametrize("method", sampling.MULTISTEP_METHODS + ("dopri5",))
 def test_split_grids_compose_for_multistep_within_discretisation_error(method):
     """The second half restarts the warm-up, so the composition differs from one run, but by no more
-    than twice one run's own error against the exact flow."""
+    than a few times one run's own error against the exact flow."""
     model, sigmas, x_T = gaussian64(), ka.get_sigmas_karras(40, SIGMA_MIN, SIGMA_MAX).double(), x_T_of()
     one = ka.odeint(model, x_T, sigmas, method=method, disable=True)
     two = ka.odeint(model, ka.odeint(model, x_T, sigmas[:20], method=method, disable=True), sigmas[19:],
                     method=method, disable=True)
     assert sigmas[:20][-1] > 0
     error = (one - exact_x0(model, x_T, sigmas)).abs().max().item()
-    # measured: the restart adds 1.1–1.6× one run's error for lms, dpmpp_3m, ipndm, deis; UniPC also
-    # loses the corrector of the step into the split point (its state there is a predictor's), 5.4×
-    factor = 8 if method == "unipc" else 2
-    assert (two - one).abs().max().item() <= factor * max(error, 1e-6), error
+    # measured: the restarted warm-up (first order at σ ≈ 1) adds 1.1–1.6× one run's error, 3.5× for
+    # deis, whose own error is the smallest (1.6e-3)
+    assert (two - one).abs().max().item() <= 4 * max(error, 1e-6), error
 
 
 # --- log-likelihood ----------------------------------------------------------------------------------
@@ -332,7 +332,7 @@ def test_multistep_batch_invariant_and_finite_on_random_grids(sigmas, method, pr
 @given(sigmas=sigma_schedules(max_steps=20), seed=seeds)
 def test_dpmpp_2m_is_exact_on_a_point_mass(sigmas, seed):
     """For data at a single point D is constant, and an exponential integrator is exact on any grid."""
-    model = GaussianDenoiser(torch.tensor([1.5, -0.5]), 1e-6).double()
+    model = GaussianDenoiser(torch.tensor([1.5, -0.5]), 1e-9).double()  # D constant to ~1e-18·|x|/σ²
     x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * float(sigmas[0])
     for method in ("dpmpp_2m", "dpmpp_3m", "unipc"):
         out = ka.odeint(model, x_T, sigmas.double(), method=method, disable=True)
@@ -358,3 +358,4 @@ def test_bad_solver_options_rejected():
         sampling.BrownianTreeNoiseSampler(torch.zeros(2, 2), 0.1, 1.0, seed=[1])
     with pytest.raises(ValueError, match="sigma_min and sigma_max must be > 0"):
         sampling.sample_dpm_fast(model, x, 0.0, 1.0, 6)
+

@@ -3,7 +3,7 @@
 In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponential integrators
 (DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
-(``order_i = min(order, i + 1, steps_left)``); a step to σ = 0 is ``x = D``. Grids may end above 0
+(``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``. Grids may end above 0
 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
@@ -158,33 +158,60 @@ def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Te
     return x + step * sum(c * d for c, d in zip(IPNDM_COEFFS[order], ds))
 
 
+class MultistepSolver:
+    """The state of a multistep ``method`` along one grid ``s`` (floats): the last D and d values.
+
+    ``step(x, i, denoised)`` advances x_i → x_{i+1} given D(x_i, σ_i); for UniPC, ``correct(i, denoised)``
+    first returns the corrected x_i (UniC, reusing that evaluation). Alignment loops that change x or D
+    between steps (Newton's constraint steps) call ``step`` with their own x and D.
+    """
+
+    def __init__(self, method: str, s: list[float], order: int | None = None, variant: str = "bh2",
+                 lower_order_final: bool | None = None):
+        if method not in MULTISTEP_METHODS:
+            raise ValueError(f"method must be one of {', '.join(MULTISTEP_METHODS)}; got {method!r}")
+        if variant not in UNIPC_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(UNIPC_VARIANTS)}; got {variant!r}")
+        self.method, self.s, self.order, self.variant = method, s, check_order(method, order), variant
+        self.lower_order_final = s[-1] == 0 if lower_order_final is None else lower_order_final
+        self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
+
+    def correct(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
+        """UniC: x_i corrected with D(x_i, σ_i) (other methods return x unchanged)."""
+        if self.method != "unipc" or self.x_last is None:
+            return x
+        return unipc_update(self.x_last, self.s, i - 1, self.Ds, self.p_last, self.variant, D_new=denoised)
+
+    def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
+        """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
+        ``lower_order_final`` is False)."""
+        s, keep = self.s, MAX_ORDER[self.method] - 1
+        self.Ds, self.ds = [denoised] + self.Ds[:keep], [(x - denoised) / s[i]] + self.ds[:keep]
+        if s[i + 1] == 0 and (self.lower_order_final or self.method not in ("lms", "ipndm")):
+            return denoised
+        p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
+        self.x_last, self.p_last = x, p
+        return multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant)
+
+
 def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
                      disable=None, order: int | None = None, variant: str = "bh2",
-                     lower_order_final: bool = True) -> Tensor:
+                     lower_order_final: bool | None = None) -> Tensor:
     """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
 
     Args:
         order: the solver's order (default ``DEFAULT_ORDER[method]``; at most ``MAX_ORDER``).
         variant: UniPC's B(h): ``"bh1"`` or ``"bh2"``.
         lower_order_final: lower the order on the last steps (UniPC's rule, min(order, steps left));
-            ``lms`` keeps k-diffusion's behaviour (full order to the end) when False.
+            False keeps the full order to the end (k-diffusion's LMS, diffusers' schedulers on long grids).
+            None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
+            full order up to the hand-off.
     """
-    order = check_order(method, order)
-    if variant not in UNIPC_VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(UNIPC_VARIANTS)}; got {variant!r}")
-    s, n = sigmas.tolist(), len(sigmas) - 1
-    Ds, ds, x_last, p_last = [], [], None, 0
-    for i in trange(n, disable=disable):
-        denoised = model(x, as_sigma(s[i], x), **extra_args)
-        if method == "unipc" and x_last is not None:  # UniC: correct x_i with the new evaluation
-            x = unipc_update(x_last, s, i - 1, Ds, p_last, variant, D_new=denoised)
+    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, as_sigma(solver.s[i], x), **extra_args)
+        x = solver.correct(x, i, denoised)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        keep = MAX_ORDER[method] - 1
-        Ds, ds = [denoised] + Ds[:keep], [(x - denoised) / s[i]] + ds[:keep]
-        if s[i + 1] == 0 and method not in ("lms", "ipndm"):
-            return denoised
-        p = step_order(order, i, n, lower_order_final)
-        x_last, p_last = x, p
-        x = multistep_update(method, x, s, i, Ds, ds, p, variant)
+        x = solver.step(x, i, denoised)
     return x

@@ -28,7 +28,8 @@ class BrownianTreeNoiseSampler:
 
     Args:
         x: a tensor with the shape, dtype and device of the noise.
-        sigma_min, sigma_max: the interval the tree covers (queries must stay inside it).
+        sigma_min: the low end of the interval the tree covers (queries must stay inside it).
+        sigma_max: its high end.
         seed: an int (one tree for the whole batch) or one int per batch item (one tree per item, so
             an item's noise does not depend on its batch). None draws a seed from the global RNG.
         transform: maps σ to the tree's time (identity by default, as in k-diffusion).
