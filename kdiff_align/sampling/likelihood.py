@@ -42,7 +42,8 @@ def log_likelihood(model, x: Tensor, sigma_min: float, sigma_max: float, *, extr
     v = None
     if not exact_trace:
         gen = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
-        v = torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
+        device = x.device if gen is None else gen.device  # a CPU generator draws on the CPU
+        v = torch.randint(0, 2, x.shape, generator=gen, device=device).to(x.device, x.dtype) * 2 - 1
     nfe = 0
 
     def f(sigma: Tensor, state):

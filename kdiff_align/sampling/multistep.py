@@ -3,8 +3,8 @@
 In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponential integrators
 (DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
-(``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``. Grids may end above 0
-(split grids): the state at the last σ is returned.
+(``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``.
+Grids may end above 0 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def lagrange_integral(nodes, j: int, a: float, b: float, weight: Callable | None
 
 
 def lms_coeffs(s: list[float], i: int, order: int) -> list[float]:
-    """Adams–Bashforth weights of d_i, d_{i−1}, … for the step σ_i → σ_{i+1}: ∫ ℓ_j(σ) dσ (k-diffusion's LMS)."""
+    """Adams–Bashforth weights of d_i, d_{i−1}, … for the step σ_i → σ_{i+1}: ∫ ℓ_j(σ) dσ (LMS)."""
     nodes = [s[i - k] for k in range(order)]
     return [lagrange_integral(nodes, j, s[i], s[i + 1]) for j in range(order)]
 

@@ -24,7 +24,7 @@ SOLVER_TYPES = ("midpoint", "heun")
 
 
 class BrownianTreeNoiseSampler:
-    """``noise_sampler(sigma, sigma_next)`` returning (W(σ_next) − W(σ))/√|σ_next − σ| of torchsde Brownian trees.
+    """``noise_sampler(sigma, sigma_next)``: (W(σ_next) − W(σ))/√|σ_next − σ| of torchsde Brownian trees.
 
     Args:
         x: a tensor with the shape, dtype and device of the noise.
@@ -125,8 +125,11 @@ def dpmpp_sde_step(model, x, sigma, sigma_next, denoised, extra_args, eta, s_noi
 
 
 def dpmpp_multistep_sde_step(x, sigma, sigma_next, Ds, hs, eta, s_noise, noise, order, solver_type="midpoint"):
-    """DPM-Solver++(2M/3M) SDE step (k-diffusion): exact linear part with e^{−ηh}, 2nd/3rd-order D corrections
-    and σ_next·√(1 − e^{−2ηh}) fresh noise. ``Ds``/``hs`` are newest first: [D_i, D_{i−1}, …], [h_{i−1}, …]."""
+    """DPM-Solver++(2M/3M) SDE step (k-diffusion): exact linear part with e^{−ηh}, 2nd/3rd-order D
+    corrections and σ_next·√(1 − e^{−2ηh}) fresh noise.
+
+    ``Ds``/``hs`` are newest first: [D_i, D_{i−1}, …], [h_{i−1}, …].
+    """
     h = _t(sigma_next) - _t(sigma)
     h_eta = h * (eta + 1)
     x = (sigma_next / sigma) * math.exp(-eta * h) * x - math.expm1(-h_eta) * Ds[0]
