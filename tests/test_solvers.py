@@ -234,7 +234,7 @@ def test_sde_solvers_at_eta0_are_the_ode_solvers(K):
                                K.sample_dpmpp_3m_sde(model, x, sigmas, eta=0.0, disable=True), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.slow  # 15–20 s each: torchsde answers each Brownian-tree query by bisection
+@pytest.mark.slow  # 6–20 s each (machine load): torchsde answers each Brownian-tree query by bisection
 @pytest.mark.parametrize("method", ["dpmpp_2m_sde", "dpmpp_3m_sde"])
 def test_brownian_tree_sde_converges_as_steps_grow(method):
     model = gaussian64()
