@@ -360,6 +360,39 @@ def test_bad_solver_options_rejected():
         sampling.sample_dpm_fast(model, x, 0.0, 1.0, 6)
 
 
+# --- alignment methods use the solvers ---------------------------------------------------------------
+
+def test_demon_tail_and_rollouts_use_the_chosen_method():
+    from kdiff_align.align.demon import sample_demon
+    model, sigmas = mixture(), ka.get_sigmas_karras(8, 0.01, 20.0).double()
+    x = x_T_of(2, 2, scale=20.0)
+    reward = lambda x0: -x0[:, 0]  # noqa: E731
+    calls = {}
+    for method in ("heun", "dpmpp_2m"):
+        _, info = sample_demon(model, x, sigmas, reward, K=3, ode_after=1.0, r_of_c="baseline", c_steps=3,
+                               generator=generators([0, 1]), return_info=True, disable=True, method=method)
+        calls[method] = info["nfe"]["network_calls"]
+        steps, tail = info["demon_steps"], len(sigmas) - 1 - info["demon_steps"]
+    assert 0 < steps and tail > 1
+    # the m-step tail costs 2m − 1 Heun calls and m with dpmpp_2m; each baseline rollout of n steps
+    # 2n − 1 calls against n: the multistep run is strictly cheaper by at least the tail's m − 1
+    assert calls["heun"] - calls["dpmpp_2m"] >= tail - 1, calls
+    with pytest.raises(ValueError, match="method must be one of"):
+        sample_demon(model, x, sigmas, reward, K=2, method="dpmpp_9m", disable=True)
+
+
+def test_newton_outer_sampler_can_be_multistep():
+    from kdiff_align.align.newton import sample_constrained
+    model, sigmas = mixture(), ka.get_sigmas_karras(8, 0.01, 20.0).double()
+    x = x_T_of(3, 2, scale=20.0)
+    # a window outside the grid: no constraint step, so the sampler alone must reproduce odeint
+    out, info = sample_constrained(model, x, sigmas, lambda x0: torch.zeros_like(x0), sampler="dpmpp_2m",
+                                   window=(100.0, 200.0), return_info=True, disable=True)
+    torch.testing.assert_close(out, ka.odeint(model, x, sigmas, method="dpmpp_2m", disable=True),
+                               rtol=1e-12, atol=1e-12)
+    assert info["nfe"] == len(sigmas) - 1
+
+
 @pytest.mark.parametrize("method", sampling.SDE_METHODS[1:])
 def test_every_sde_method_is_seeded_and_lands_near_the_data(method):
     model, sigmas = mixture(), ka.get_sigmas_karras(30, 0.01, 20.0).double()
