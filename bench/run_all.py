@@ -31,6 +31,7 @@ SMALL = {  # script → arguments for a small CPU run (written into a temporary 
     "quality": ["--n", "5", "--models", "fashion", "--no-write"],
     "reward_nfe": ["--quick", "--no-write"],
     "gpu_sd": ["--device", "cpu", "--tiny", "--steps", "5", "--repeats", "1", "--rounds", "1"],
+    "solvers": ["--n", "64", "--out", "{tmp}/solvers"],
 }
 VALUE = re.compile(r"[:=]\s*([-+]?\d+(?:\.\d+)?)(?![\d.]*\s*(?:s\b|ms\b|MiB\b|%))")
 TARGET = re.compile(r"\(target\s*([<>≤≥]=?\s*[-+]?\d+(?:\.\d+)?)\)")

@@ -175,20 +175,31 @@ class RewardFactory:
 
 # --- methods: fn(pipe, model, x_T, reward, generator, args, log) -> (x0 [1, ...], nfe per image) ----
 
+def _odeint_counted(model, x, sigmas, method: str) -> tuple[Tensor, int]:
+    """``sampling.odeint`` with ``method``, and the number of network calls it made."""
+    calls = []
+
+    def counted(x_, sigma, **kwargs):
+        calls.append(1)
+        return model(x_, sigma, **kwargs)
+
+    return sampling.odeint(counted, x, sigmas, method=method, disable=True), len(calls)
+
+
 def run_plain(pipe, model, x_T, reward, generator, args, log):
-    """Heun PF-ODE sampling, ignoring the reward."""
-    return sampling.odeint(model, x_T, pipe.sigmas(args.steps), disable=True), 2 * args.steps - 1
+    """PF-ODE sampling with ``--sampler`` (Heun by default), ignoring the reward."""
+    return _odeint_counted(model, x_T, pipe.sigmas(args.steps), args.sampler)
 
 
 def run_best_of_n(pipe, model, x_T, reward, generator, args, log):
     """N plain samples (x_T and N − 1 more noises from the item's generator) in one batch; keep the best."""
     x = torch.cat([x_T, pipe.get_init_latent(args.n - 1, generator)]) if args.n > 1 else x_T
-    candidates = sampling.odeint(model, x, pipe.sigmas(args.steps), disable=True)
+    candidates, calls = _odeint_counted(model, x, pipe.sigmas(args.steps), args.sampler)
     with torch.no_grad():
         scores = rewards.check_rewards(reward(candidates), args.n, "reward")
     log({"step": 0, "rewards": scores.tolist()})
     best = int(scores.argmax())
-    return candidates[best:best + 1], args.n * (2 * args.steps - 1)
+    return candidates[best:best + 1], args.n * calls
 
 
 def run_demon(pipe, model, x_T, reward, generator, args, log):
@@ -204,7 +215,7 @@ def run_demon(pipe, model, x_T, reward, generator, args, log):
     x0, info = sample_demon(model, x_T, pipe.sigmas(args.steps), reward, K=args.K, beta=args.beta, tau=tau,
                             demon_type=args.demon_type, r_of_c=args.r_of_c, ode_after=args.ode_after,
                             generator=generator, return_info=True, callback=callback, disable=True,
-                            max_batch=args.max_batch)
+                            max_batch=args.max_batch, method=args.sampler)
     return x0, info["nfe"]["network_rows"]
 
 
@@ -269,7 +280,9 @@ def run_config(args, prompts: list[str], seeds: list[int]) -> dict:
               "smc": dict(particles=args.particles, alpha=args.alpha, proposal=args.proposal)}.get(args.method, {})
     reward = dict(vlm_url=args.vlm_url, vlm_model=args.vlm_model) if args.reward == "vlm" else \
         dict(aesthetic_head=args.aesthetic_head) if args.reward.startswith("aesthetic") else {}
-    return {**config, **method, **reward}
+    # the default sampler is left out, so that runs made before --sampler existed stay resumable
+    sampler = {} if getattr(args, "sampler", "heun") == "heun" else {"sampler": args.sampler}
+    return {**config, **sampler, **method, **reward}
 
 
 def init_distributed(device: str | None, timeout_s: float) -> tuple[int, int, torch.device]:
@@ -448,6 +461,8 @@ def add_arguments(p) -> None:
     p.add_argument("--reward", default="jpeg", help=" | ".join(REWARDS))
     p.add_argument("--out", required=True, help="experiment directory; an existing one is resumed")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="heun", choices=sampling.METHODS,
+                   help="PF-ODE method of plain / best_of_n sampling and of Demon's tail and rollouts")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--n", type=int, default=4, help="best_of_n: candidates per image")
     p.add_argument("--K", type=int, default=8, help="demon: candidates per step")

@@ -72,7 +72,8 @@ class Pipeline:
         return image.get_init_latent(batch, self.latent_shape, self.init_sigma, generator, self.dtype, self.device)
 
     def odeint(self, x: Tensor, condition: Condition, steps: int, start_t: float | None = None, **kwargs) -> Tensor:
-        """Sample x from σ = ``start_t`` to 0 along the PF-ODE (Heun by default)."""
+        """Sample x from σ = ``start_t`` to 0 along the PF-ODE (Heun by default; ``method=`` picks any of
+        ``sampling.METHODS``, e.g. ``"dpmpp_2m"`` or ``"unipc"`` at one UNet call per step)."""
         return sampling.odeint(self.guided(condition), x, self.sigmas(steps, start_t), **kwargs)
 
     def oderevert(self, x: Tensor, condition: Condition, start_t: float | None = None, steps: int = 100,

@@ -87,8 +87,12 @@ def nfe_summary(forward: int, backward: int = 0, backward_cost: float = BACKWARD
     return {"forward": forward, "backward": backward, "total": float(forward + backward_cost * backward)}
 
 
-def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas") -> Tensor:
-    """Validate a σ grid: 1-D, at least 2 entries, finite, strictly monotone, ending as required."""
+def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas", end_zero: bool = True) -> Tensor:
+    """Validate a σ grid: 1-D, at least 2 entries, finite, strictly monotone, ending as required.
+
+    Args:
+        end_zero: a sampling grid must end in 0; with False it may also end above 0 (a split grid).
+    """
     if not isinstance(sigmas, Tensor):
         raise TypeError(f"{name} must be a 1-D torch.Tensor, got {type(sigmas).__name__}")
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
@@ -99,9 +103,11 @@ def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas") -> T
     if decreasing:
         if not (diffs < 0).all():
             raise ValueError(f"{name} must be strictly decreasing for sampling, got {sigmas.tolist()}")
-        if sigmas[-1] != 0 or (sigmas[:-1] <= 0).any():
+        if end_zero and (sigmas[-1] != 0 or (sigmas[:-1] <= 0).any()):
             raise ValueError(f"{name} must be positive and end in exactly one 0 (use append_zero), "
                              f"got last value {sigmas[-1].item()}")
+        if not end_zero and sigmas[-1] < 0:
+            raise ValueError(f"{name} must be positive, with an optional final 0, got last value {sigmas[-1].item()}")
     else:
         if not (diffs > 0).all():
             raise ValueError(f"{name} must be strictly increasing for oderevert, got {sigmas.tolist()}")

@@ -133,21 +133,25 @@ def demon_candidates(model, x: Tensor, sigma, sigma_next, denoised: Tensor, *, K
 
 def lookahead(model, x: Tensor, sigma: float, r_of_c: str = "consistency", *, extra_args: dict | None = None,
               consistency_model=None, sampler=None, c_steps: int = 20, sigma_min: float = 2e-3,
-              sigma_max: float = 14.6488) -> Tensor:
+              sigma_max: float = 14.6488, method: str = "heun") -> Tensor:
     """r∘c's c: x̂₀ of states at σ by one step (``consistency``) or by a PF-ODE rollout (``baseline``).
 
     Args:
         consistency_model: a one-step map ``c(x, sigma, **extra_args) -> x̂₀`` (e.g. an LCM wrapped as a
             denoiser); ``None`` uses the denoiser's own Tweedie estimate x̂₀ = D(x, σ).
         sampler: the rollout sampler (any ``sampler(model, x, sigmas, extra_args=, disable=)``, e.g. a
-            k-diffusion ``sample_*``); ``None`` is Heun ``odeint`` over ``rollout_steps`` Karras steps.
+            k-diffusion ``sample_*``); ``None`` is ``odeint`` with ``method`` (default Heun) over
+            ``rollout_steps`` Karras steps.
+        method: the ``odeint`` method of the default rollout (e.g. ``"dpmpp_2m"``: one evaluation per step).
     """
     extra_args = extra_args or {}
     if r_of_c == "consistency":
         return (consistency_model or model)(x, as_sigma(sigma, x), **extra_args)
     n = rollout_steps(float(sigma), sigma_min, sigma_max, c_steps)
     sigmas = _rollout_sigmas(float(sigma), sigma_min, n, x.device)
-    return (sampler or sampling.odeint)(model, x, sigmas, extra_args=extra_args, disable=True)
+    if sampler is not None:
+        return sampler(model, x, sigmas, extra_args=extra_args, disable=True)
+    return sampling.odeint(model, x, sigmas, extra_args=extra_args, disable=True, method=method)
 
 
 def _score(reward, x0: Tensor, step: int, sigma: float) -> Tensor:
@@ -230,7 +234,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
                  tau="adaptive", demon_type: str = "tanh", r_of_c: str = "consistency", c_steps: int | None = None,
                  ode_after: float | None = 0.11, extra_args: dict | None = None, callback: Callable | None = None,
                  disable: bool | None = None, generator=None, return_info: bool = False, consistency_model=None,
-                 sampler: Callable | None = None, max_batch: int | None = None):
+                 sampler: Callable | None = None, max_batch: int | None = None, method: str = "heun"):
     """Sampling Demon (Yeh et al. 2025) on the Karras β-SDE: B independent runs of K candidates each.
 
     Demon steps are those from σ ≥ ``ode_after`` not landing on 0; the rest of ``sigmas`` is a plain
@@ -259,7 +263,11 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         return_info: also return a dict of per-step ``sigma``, ``reward_mean``/``reward_std``/``tau``
             ``[S, B]``, ``seconds`` and ``nfe`` counts (network, consistency and reward calls and rows).
         max_batch: the most rows per network call (candidates are chunked, never looped one by one).
+        method: the ``odeint`` method of the PF-ODE tail and of the default ``baseline`` rollout; the
+            costs above are Heun's (a multistep method such as ``"dpmpp_2m"`` costs m calls for an
+            m-step tail and n(σ') per rollout).
     """
+    sampling.check_method(method)
     _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
     extra_args = extra_args or {}
     counts = dict.fromkeys(("network_calls", "network_rows", "consistency_calls", "consistency_rows"), 0)
@@ -277,7 +285,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
                                      generator=generator)
         x0 = lookahead(net, x_next, sigma_next, r_of_c, extra_args=_repeat_rows(extra_args, K, batch),
                        consistency_model=consistency, sampler=sampler, c_steps=20 if c_steps is None else c_steps,
-                       sigma_min=sigma_min, sigma_max=sigma_max)
+                       sigma_min=sigma_min, sigma_max=sigma_max, method=method)
         r = _score(reward, x0, i, float(sigma_next)).view(batch, K)
         b, tau_b = demon_weights(r, demon_type, tau)
         if callback is not None:
@@ -290,7 +298,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
                            ("tau", tau_b), ("seconds", time.perf_counter() - start)):
             log[key].append(value)
     tail = None if callback is None else (lambda info: callback({**info, "i": info["i"] + steps}))
-    x = sampling.odeint(net, x, sigmas[steps:], extra_args=extra_args, callback=tail, disable=disable)
+    x = sampling.odeint(net, x, sigmas[steps:], extra_args=extra_args, callback=tail, disable=disable, method=method)
     if not return_info:
         return x
     info = {key: torch.stack(v) if v and isinstance(v[0], Tensor) else torch.tensor(v, dtype=torch.float64)
@@ -404,7 +412,9 @@ class DemonGenerator(abc.ABC):
                  demon_type: str = "tanh", r_of_c: str = "baseline", c_steps: int = 20, ode_after: float = 0.11,
                  seed: int | None = None, save_pils: bool = False, ylabel: str = "Reward",
                  experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline=None,
-                 grid="model", consistency_model=None, max_batch: int | None = None, disable: bool | None = None):
+                 grid="model", consistency_model=None, max_batch: int | None = None, disable: bool | None = None,
+                 method: str = "heun"):
+        sampling.check_method(method)
         if not isinstance(T, int) or T < 2:
             raise ValueError(f"T must be an int >= 2 (grid points), got {T!r}")
         _check_grid(grid)
@@ -420,7 +430,7 @@ class DemonGenerator(abc.ABC):
         self.save_pils, self.ylabel = save_pils, ylabel
         self.experiment_directory = Path(experiment_directory)
         self.pipeline, self.consistency_model = pipeline, consistency_model
-        self.max_batch, self.disable, self.runs = max_batch, disable, 0
+        self.max_batch, self.disable, self.runs, self.method = max_batch, disable, 0, method
 
     @abc.abstractmethod
     def rewards(self, pils: list) -> list[float]:
@@ -436,8 +446,8 @@ class DemonGenerator(abc.ABC):
         return {"prompt": prompt, "cfg": self.cfg, "beta": self.beta, "tau": self.tau, "K": self.K, "T": self.T,
                 "demon_type": self.demon_type, "r_of_c": self.r_of_c, "c_steps": self.c_steps,
                 "ode_after": self.ode_after, "grid": self.grid, "seed": self.seed, "run": self.runs,
-                "run_seed": self.seed + self.runs,
-                "save_pils": self.save_pils, "pipeline": type(self.pipeline).__name__,
+                "run_seed": self.seed + self.runs, "save_pils": self.save_pils,
+                "pipeline": type(self.pipeline).__name__, "method": self.method,
                 "latent_shape": list(self.pipeline.latent_shape),
                 "consistency_model": None if self.consistency_model is None else type(self.consistency_model).__name__}
 
@@ -451,8 +461,11 @@ class DemonGenerator(abc.ABC):
         """The grid this generator runs on (``T`` Karras points over ``grid``'s σ range, then 0)."""
         return karras_grid(self.pipeline, self.T, self.grid)
 
-    def cost(self) -> dict:
-        """``demon_cost`` of one Demon image on the grid actually used (the plain PF-ODE image adds 2T − 1 rows)."""
+    def cost(self) -> dict | None:
+        """``demon_cost`` of one Demon image on the grid actually used (the plain PF-ODE image adds 2T − 1 rows);
+        ``None`` for a ``method`` other than Heun, whose cost ``demon_cost`` does not model (see ``result["nfe"]``)."""
+        if self.method != "heun":
+            return None
         return demon_cost(self.sigmas(), K=self.K, r_of_c=self.r_of_c, c_steps=self.c_steps, ode_after=self.ode_after,
                           consistency_model=self.consistency_model is not None)
 
@@ -479,7 +492,7 @@ class DemonGenerator(abc.ABC):
         sigmas = self.sigmas()
         generator = torch.Generator(pipe.device).manual_seed(config["run_seed"])
         x = pipe.get_init_latent(1, generator=generator)
-        plain = sampling.odeint(guided, x, sigmas, disable=self.disable)
+        plain = sampling.odeint(guided, x, sigmas, disable=self.disable, method=self.method)
         if ode:
             return self._write_plain(folder, plain)
 
@@ -493,7 +506,7 @@ class DemonGenerator(abc.ABC):
                                    demon_type=self.demon_type, r_of_c=self.r_of_c, c_steps=self.c_steps,
                                    ode_after=self.ode_after, callback=callback, disable=self.disable,
                                    generator=generator, return_info=True, consistency_model=self.consistency_model,
-                                   max_batch=self.max_batch)
+                                   max_batch=self.max_batch, method=self.method)
         return self._write_results(folder, plain, demon, info)
 
     def _save_pngs(self, folder: Path, latents: Tensor, names) -> list:
@@ -590,6 +603,8 @@ def add_cli(sub) -> None:
     p.add_argument("--r-of-c", default="consistency", choices=R_OF_C)
     p.add_argument("--c-steps", type=int, default=20)
     p.add_argument("--ode-after", type=float, default=0.11)
+    p.add_argument("--sampler", default="heun", choices=sampling.METHODS,
+                   help="PF-ODE method of the plain image, the tail after --ode-after and the baseline rollouts")
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="experiments/demon", help="experiment directory (a fresh run folder inside)")
@@ -614,7 +629,7 @@ def cli_main(args) -> int:
     gen = RewardDemon(reward, cfg=args.cfg, beta=args.beta, tau=tau, K=args.K, T=args.T, demon_type=args.demon_type,
                       r_of_c=args.r_of_c, c_steps=args.c_steps, ode_after=args.ode_after, seed=args.seed,
                       save_pils=args.save_pils, ylabel=f"{args.reward} reward", experiment_directory=args.out,
-                      pipeline=pipe, max_batch=args.max_batch, disable=args.no_progress or None)
+                      pipeline=pipe, max_batch=args.max_batch, disable=args.no_progress or None, method=args.sampler)
     out = gen.generate(args.prompt)
     print(f"{args.reward} reward: plain ODE {out['plain_reward']:.4f}, Demon {out['demon_reward']:.4f} "
           f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, {out['seconds']:.1f} s)")

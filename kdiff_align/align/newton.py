@@ -22,13 +22,17 @@ from tqdm.auto import trange
 
 from ..cond import cat_kwargs
 from ..sampling import ode_step, sde_step
+from ..sampling.multistep import MultistepSolver
 from ..utils import Generator, append_dims, as_sigma, check_finite, check_sigmas, nfe_summary
 
 JVP_METHODS = ("fd", "central", "forward_ad")
 DIRECTIONS = ("J", "JT", "Jinv")
 NORMALIZE = ("inf", "l2", "none")
 STEP_SPACES = ("vp", "ve")
-SAMPLERS = ("ddim", "euler", "heun")
+# multistep solvers take their history from the post-constraint x̂₀; UniPC is left out (its corrector
+# would overwrite the constrained state)
+MULTISTEP_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "deis", "lms", "ipndm")
+SAMPLERS = ("ddim", "euler", "heun") + MULTISTEP_SAMPLERS
 
 
 def _check_choice(value: str, allowed: Sequence[str], name: str) -> str:
@@ -400,8 +404,11 @@ def _in_window(window, sigma: float) -> bool:
     return lo <= sigma <= hi
 
 
-def _solver_step(model, x, sigma, sigma_next, denoised, sampler, eta, extra_args, generator):
-    """One update from the (post-constraint) denoised, reusing the core step functions."""
+def _solver_step(model, x, sigma, sigma_next, denoised, sampler, eta, extra_args, generator, i=0):
+    """One update from the (post-constraint) denoised, reusing the core step functions (``sampler`` is
+    a name or a ``MultistepSolver`` over the grid)."""
+    if isinstance(sampler, MultistepSolver):
+        return sampler.step(x, i, denoised)
     if sampler == "ddim":
         return sde_step(model, x, sigma, sigma_next, extra_args=extra_args, eta=eta, generator=generator,
                         denoised=denoised)[0]
@@ -437,7 +444,9 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
 
     Args:
         sampler: ``"ddim"`` (ancestral kernel with ``eta``; the reference's single-step-β noise is
-            η ≈ 0.16), ``"euler"`` or ``"heun"`` (probability-flow ODE).
+            η ≈ 0.16), ``"euler"``, ``"heun"`` or a multistep PF-ODE solver (``"dpmpp_2m"``,
+            ``"dpmpp_3m"``, ``"deis"``, ``"lms"``, ``"ipndm"``; one evaluation per step, with the
+            post-constraint x̂₀ as their history).
         window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``.
 
     Returns:
@@ -445,6 +454,7 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         constraint, NaN outside the window) and ``info["nfe"]``.
     """
     extra_args = _check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
+    stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
     nfe, history = 0, []
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = as_sigma(sigmas[i], x)
@@ -459,7 +469,7 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         history.append(res)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = _solver_step(model, x, sigma, sigmas[i + 1], denoised, sampler, eta, extra_args, generator)
+        x = _solver_step(model, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
         nfe += (sampler == "heun") and bool(sigmas[i + 1] > 0)
     return (x, {"residual": torch.stack(history, 1), "nfe": nfe}) if return_info else x
 
@@ -493,6 +503,7 @@ def sample_dps(model, x: Tensor, sigmas: Tensor, residual: Callable[[Tensor], Te
     """
     extra_args = _check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     _check_choice(step_space, STEP_SPACES, "step_space")
+    stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
     nfe, backward, history = 0, 0, []
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = as_sigma(sigmas[i], x)
@@ -510,7 +521,7 @@ def sample_dps(model, x: Tensor, sigmas: Tensor, residual: Callable[[Tensor], Te
         history.append(rms(e))
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = _solver_step(model, x, sigma, sigmas[i + 1], denoised, sampler, eta, extra_args, generator)
+        x = _solver_step(model, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
         nfe += (sampler == "heun") and bool(sigmas[i + 1] > 0)
         if active and sigmas[i + 1] > 0:
             if step_space == "vp":  # ∇ in x_t = x/√(1+σ²) units, applied to x′_t/√(1+σ′²)

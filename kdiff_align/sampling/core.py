@@ -16,13 +16,15 @@ import torchdiffeq
 from torch import Tensor
 from tqdm.auto import tqdm, trange
 
-from .utils import (Generator, append_dims, as_sigma, check_finite, check_sigmas, get_ancestral_step,
+from ..utils import (Generator, append_dims, as_sigma, check_finite, check_sigmas, get_ancestral_step,
                     randn_like, to_d)
+from .multistep import MULTISTEP_METHODS, multistep_odeint
+from .sde import SDE_METHODS, default_sde_noise, sde_solve
 
 FIXED_METHODS = ("euler", "heun", "dpm2", "rk4")
 ADAPTIVE_METHODS = {"dopri5": "dopri5", "bosh3": "bosh3", "adaptive_heun": "adaptive_heun"}
-METHODS = FIXED_METHODS + tuple(ADAPTIVE_METHODS)
-NFE_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "rk4": 4}
+METHODS = FIXED_METHODS + MULTISTEP_METHODS + tuple(ADAPTIVE_METHODS)
+NFE_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "rk4": 4, **{m: 1 for m in MULTISTEP_METHODS}}
 
 
 def check_method(method: str, allowed=METHODS) -> str:
@@ -184,13 +186,13 @@ def _adaptive(model, x, sigma_from, sigma_to, extra_args, callback, disable, met
                                   method=ADAPTIVE_METHODS[method])[-1]
 
 
-def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool) -> dict:
+def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool, end_zero: bool = True) -> dict:
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
     check_finite(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have a batch dimension")
-    check_sigmas(sigmas, decreasing=decreasing)
+    check_sigmas(sigmas, decreasing=decreasing, end_zero=end_zero)
     if method is not None:
         check_method(method)
     if extra_args is not None and not isinstance(extra_args, dict):
@@ -200,17 +202,33 @@ def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool) -> dic
 
 @torch.no_grad()
 def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, callback: Callable | None = None,
-           disable: bool | None = None, method: str = "heun", rtol: float = 1e-4, atol: float = 1e-4) -> Tensor:
-    """Sample by integrating the probability-flow ODE along ``sigmas`` (decreasing, ending in 0).
+           disable: bool | None = None, method: str = "heun", rtol: float = 1e-4, atol: float = 1e-4,
+           **solver_kw) -> Tensor:
+    """Sample by integrating the probability-flow ODE along decreasing ``sigmas``.
 
-    Fixed-grid methods (euler, heun, dpm2, rk4) step through the grid; adaptive ones (dopri5, bosh3,
-    adaptive_heun) run torchdiffeq in log σ from ``sigmas[0]`` to ``sigmas[-2]``. Both end with the
-    Euler step to σ = 0, ``x = D(x, σ_min)``.
+    Fixed-grid methods (euler, heun, dpm2, rk4) and multistep ones (lms, dpmpp_2m, dpmpp_3m, unipc,
+    ipndm, deis; one evaluation per step, see ``multistep``) step through the grid; adaptive ones
+    (dopri5, bosh3, adaptive_heun) run torchdiffeq in log σ from ``sigmas[0]`` to the last positive σ.
+    A grid ending in 0 ends with the step x = D(x, σ_min); a grid ending above 0 (a split grid, e.g.
+    ``sigmas[:k]``) returns the noisy state there, so ``odeint(sigmas[k-1:])`` can continue it.
+
+    Args:
+        solver_kw: multistep options: ``order``, ``variant`` (UniPC "bh1"/"bh2"),
+            ``lower_order_final``.
     """
-    extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True)
+    extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True, end_zero=False)
+    if solver_kw and method not in MULTISTEP_METHODS:
+        raise TypeError(f"{', '.join(solver_kw)} only apply to the multistep methods, not {method!r}")
+    if method in MULTISTEP_METHODS:
+        return multistep_odeint(model, x, sigmas, method, extra_args=extra_args, callback=callback,
+                                disable=disable, **solver_kw)
     if method in ADAPTIVE_METHODS:
-        if len(sigmas) > 2:
-            x = _adaptive(model, x, sigmas[0], sigmas[-2], extra_args, callback, disable, method, rtol, atol)
+        ends_in_zero = float(sigmas[-1]) == 0
+        last = sigmas[-2] if ends_in_zero else sigmas[-1]
+        if len(sigmas) > 2 or not ends_in_zero:
+            x = _adaptive(model, x, sigmas[0], last, extra_args, callback, disable, method, rtol, atol)
+        if not ends_in_zero:
+            return x
         denoised = model(x, as_sigma(float(sigmas[-2]), x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": len(sigmas) - 2, "sigma": sigmas[-2], "sigma_hat": sigmas[-2],
@@ -235,6 +253,9 @@ def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = Non
     final step's σ_min·ε term (the data point is taken as the state at σ_min).
     """
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
+    if method in MULTISTEP_METHODS:
+        return multistep_odeint(model, x, sigmas, method, extra_args=extra_args, callback=callback,
+                                disable=disable)
     if method in ADAPTIVE_METHODS:
         return _adaptive(model, x, sigmas[0], sigmas[-1], extra_args, callback, disable, method, rtol, atol)
     s = sigmas.tolist()  # one device sync per run; steps then branch on floats
@@ -249,19 +270,36 @@ def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = Non
 @torch.no_grad()
 def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, callback: Callable | None = None,
            disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
-           noise_sampler: Callable | None = None, generator: Generator = None, beta=None) -> Tensor:
-    """Sample with a reverse SDE: ancestral (``eta``; DDPM at 1, DDIM at 0) or Karras β-SDE (``beta``).
+           noise_sampler: Callable | None = None, generator: Generator = None, beta=None,
+           method: str = "ancestral", solver_type: str = "midpoint", r: float = 0.5) -> Tensor:
+    """Sample with a reverse SDE: ancestral (``eta``; DDPM at 1, DDIM at 0), Karras β-SDE (``beta``), or
+    one of the DPM-Solver families (``method``).
 
     Args:
         noise_sampler: ``noise_sampler(sigma, sigma_next) -> noise like x``; overrides ``generator``.
         generator: a ``torch.Generator`` or a list of one per batch item, which makes each item's
-            sample independent of the batch it is in.
+            sample independent of the batch it is in. For the DPM-Solver++ SDEs it seeds a Brownian
+            tree (one per item for a list), so refining the grid converges to one sample path.
         beta: see ``sde_step``; when given, ``eta`` is ignored. The Heun β-SDE stays accurate while
             β·|Δσ| is of order 1; far larger steps over-contract and collapse modes (a warning says so).
+        method: ``"ancestral"`` (Euler ancestral / β-SDE), ``"dpm2_ancestral"``,
+            ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"`` (2 evaluations per step), ``"dpmpp_2m_sde"``,
+            ``"dpmpp_3m_sde"`` (1 per step); ``eta`` weighs the fresh noise in all of them.
+        solver_type: ``"midpoint"`` or ``"heun"`` second-order term of ``dpmpp_2m_sde``.
+        r: the intermediate point of ``dpmpp_sde`` as a fraction of the step in log σ.
+
+    A grid ending above 0 returns the noisy state there (a split grid).
     """
-    extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True)
+    extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True, end_zero=False)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    check_method(method, SDE_METHODS)
+    if method != "ancestral":
+        if beta is not None:
+            raise ValueError(f"beta applies to method='ancestral' only, not {method!r}")
+        noise_sampler = noise_sampler or default_sde_noise(method, x, sigmas, generator)
+        return sde_solve(model, x, sigmas, method, extra_args=extra_args, callback=callback, disable=disable,
+                         eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, solver_type=solver_type, r=r)
     max_step = float((sigmas[:-2] - sigmas[1:-1]).max()) if len(sigmas) > 2 else 0.0
     if isinstance(beta, (int, float)) and beta * max_step > 4:
         warnings.warn(f"beta={beta} with steps of up to {max_step:.3g} in σ "

@@ -1,0 +1,217 @@
+"""Multistep ODE solvers: one network evaluation per step, the last few D values kept as state.
+
+In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponential integrators
+(DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
+d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
+(``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``.
+Grids may end above 0 (split grids): the state at the last σ is returned.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from ..utils import as_sigma
+
+MULTISTEP_METHODS = ("lms", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis")
+MAX_ORDER = {"lms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3, "ipndm": 4, "deis": 3}
+DEFAULT_ORDER = {"lms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3, "ipndm": 4, "deis": 3}
+UNIPC_VARIANTS = ("bh1", "bh2")
+_GAUSS = np.polynomial.legendre.leggauss(8)  # exact for polynomials of degree ≤ 15
+
+
+def lagrange_integral(nodes, j: int, a: float, b: float, weight: Callable | None = None) -> float:
+    """∫_a^b ℓ_j(u)·w(u) du for the Lagrange basis polynomial ℓ_j over ``nodes`` (Gauss–Legendre, float64).
+
+    With w ≡ 1 the rule is exact; with w = exp (DEIS's log-σ integral) its error is far below float64
+    rounding for the step sizes of any sampling grid.
+    """
+    u = (b - a) / 2 * _GAUSS[0] + (a + b) / 2
+    basis = np.ones_like(u)
+    for k, node in enumerate(nodes):
+        if k != j:
+            basis *= (u - node) / (nodes[j] - node)
+    w = np.ones_like(u) if weight is None else weight(u)
+    return float((b - a) / 2 * np.sum(_GAUSS[1] * basis * w))
+
+
+def lms_coeffs(s: list[float], i: int, order: int) -> list[float]:
+    """Adams–Bashforth weights of d_i, d_{i−1}, … for the step σ_i → σ_{i+1}: ∫ ℓ_j(σ) dσ (LMS)."""
+    nodes = [s[i - k] for k in range(order)]
+    return [lagrange_integral(nodes, j, s[i], s[i + 1]) for j in range(order)]
+
+
+IPNDM_COEFFS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+                4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def _h_phi(h: float, order: int) -> list[float]:
+    """φ-type integrals I_k = ∫_0^h e^{−(h−u)} u^k/k! du for k < order (I_0 = 1 − e^{−h})."""
+    out = [-math.expm1(-h)]
+    for k in range(1, order):
+        out.append(h**k / math.factorial(k) - out[-1])
+    return out
+
+
+def dpmpp_step(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int) -> Tensor:
+    """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2 for order 2; k-diffusion's 3M with η = 0 for order 3)."""
+    t = [-math.log(v) for v in s[max(i - 2, 0):i + 2]][::-1]  # t_{i+1}, t_i, t_{i−1}, …
+    h = t[0] - t[1]
+    x = (s[i + 1] / s[i]) * x - math.expm1(-h) * Ds[0]
+    if order == 1:
+        return x
+    phi_2 = math.expm1(-h) / h + 1
+    r0 = (t[1] - t[2]) / h
+    d1_0 = (Ds[0] - Ds[1]) / r0
+    if order == 2:  # the "midpoint" form: D̃ = (1 + 1/2r)·D_i − (1/2r)·D_{i−1}
+        return x - 0.5 * math.expm1(-h) * d1_0
+    r1 = (t[2] - t[3]) / h
+    d1_1 = (Ds[1] - Ds[2]) / r1
+    d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    phi_3 = phi_2 / h - 0.5
+    return x + phi_2 * d1 - 2 * phi_3 * d2  # 2·I_2/h²; k-diffusion and diffusers use half (see docs)
+
+
+def unipc_coeffs(h: float, rks: list[float], order: int, variant: str, corrector: bool) -> list[float]:
+    """UniPC weights (Zhao et al. 2023, Alg. 1/2, data prediction) for the differences D1_k.
+
+    ``rks`` are (λ_k − λ_0)/h of the earlier nodes followed by 1; the predictor solves the first
+    ``order − 1`` moment conditions, the corrector all ``order`` of them (its last weight multiplies
+    D_new − D_0). B(h) = h ("bh1") or e^h − 1 ("bh2"), with hh = −h for data prediction.
+    """
+    hh = -h
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    h_phi_k, factorial, b = math.expm1(hh) / hh - 1, 1, []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R = np.array([[r ** (k - 1) for r in rks] for k in range(1, order + 1)])
+    if corrector:
+        return [0.5] if order == 1 else np.linalg.solve(R, np.array(b)).tolist()
+    if order == 1:
+        return []
+    return [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], np.array(b[:-1])).tolist()
+
+
+def unipc_update(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int, variant: str,
+                 D_new: Tensor | None = None) -> Tensor:
+    """UniP-p (``D_new`` None) or UniC-p step σ_i → σ_{i+1} from x_i with Ds = [D_i, D_{i−1}, …].
+
+    The corrector recomputes the same step, adding D_new = D(x̃_{i+1}, σ_{i+1}), which the next
+    predictor needs anyway: no extra network evaluation.
+    """
+    lam = [-math.log(s[i - k]) for k in range(order)]
+    h = -math.log(s[i + 1]) - lam[0]
+    rks = [(lam[k] - lam[0]) / h for k in range(1, order)] + [1.0]
+    rhos = unipc_coeffs(h, rks, order, variant, corrector=D_new is not None)
+    b_h = -h if variant == "bh1" else math.expm1(-h)
+    x = (s[i + 1] / s[i]) * x - math.expm1(-h) * Ds[0]
+    res = sum(rho * (Ds[k + 1] - Ds[0]) / rks[k] for k, rho in enumerate(rhos[:order - 1]))
+    if D_new is not None:
+        res = res + rhos[-1] * (D_new - Ds[0])
+    return x - b_h * res
+
+
+def deis_coeffs(s: list[float], i: int, order: int) -> list[float]:
+    """Log-ρ DEIS weights (Zhang & Chen 2022; diffusers' ``DEISMultistepScheduler``): ε_{i−j} is
+    interpolated by a Lagrange polynomial in log σ and integrated exactly over dσ = e^u du."""
+    nodes = [math.log(s[i - k]) for k in range(order)]
+    return [lagrange_integral(nodes, j, nodes[0], math.log(s[i + 1]), np.exp) for j in range(order)]
+
+
+def step_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
+    """Order used at step i of n: warm-up from 1, and lowered near the end when ``lower_order_final``."""
+    p = min(order, i + 1)
+    return min(p, n - i) if lower_order_final else p
+
+
+def check_order(method: str, order: int | None) -> int:
+    """The order to use: ``DEFAULT_ORDER`` when None, else 1 … ``MAX_ORDER[method]``."""
+    order = DEFAULT_ORDER[method] if order is None else order
+    if int(order) != order or not 1 <= order <= MAX_ORDER[method]:
+        raise ValueError(f"order must be an integer in 1..{MAX_ORDER[method]} for {method}, got {order}")
+    return int(order)
+
+
+def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Tensor], ds: list[Tensor],
+                     order: int, variant: str) -> Tensor:
+    """The predictor step σ_i → σ_{i+1} of ``method`` at the given order (newest history first).
+
+    ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates.
+    """
+    if method in ("dpmpp_2m", "dpmpp_3m"):
+        return dpmpp_step(x, s, i, Ds, order)
+    if method == "unipc":
+        return unipc_update(x, s, i, Ds, order, variant)
+    if method == "deis":
+        return x + sum(c * e for c, e in zip(deis_coeffs(s, i, order), ds))
+    if method == "lms":
+        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
+    step = s[i + 1] - s[i]  # ipndm: equal-step Adams–Bashforth weights
+    return x + step * sum(c * d for c, d in zip(IPNDM_COEFFS[order], ds))
+
+
+class MultistepSolver:
+    """The state of a multistep ``method`` along one grid ``s`` (floats): the last D and d values.
+
+    ``step(x, i, denoised)`` advances x_i → x_{i+1} given D(x_i, σ_i); for UniPC, ``correct(i, denoised)``
+    first returns the corrected x_i (UniC, reusing that evaluation). Alignment loops that change x or D
+    between steps (Newton's constraint steps) call ``step`` with their own x and D.
+    """
+
+    def __init__(self, method: str, s: list[float], order: int | None = None, variant: str = "bh2",
+                 lower_order_final: bool | None = None):
+        if method not in MULTISTEP_METHODS:
+            raise ValueError(f"method must be one of {', '.join(MULTISTEP_METHODS)}; got {method!r}")
+        if variant not in UNIPC_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(UNIPC_VARIANTS)}; got {variant!r}")
+        self.method, self.s, self.order, self.variant = method, s, check_order(method, order), variant
+        self.lower_order_final = s[-1] == 0 if lower_order_final is None else lower_order_final
+        self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
+
+    def correct(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
+        """UniC: x_i corrected with D(x_i, σ_i) (other methods return x unchanged)."""
+        if self.method != "unipc" or self.x_last is None:
+            return x
+        return unipc_update(self.x_last, self.s, i - 1, self.Ds, self.p_last, self.variant, D_new=denoised)
+
+    def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
+        """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
+        ``lower_order_final`` is False)."""
+        s, keep = self.s, MAX_ORDER[self.method] - 1
+        self.Ds, self.ds = [denoised] + self.Ds[:keep], [(x - denoised) / s[i]] + self.ds[:keep]
+        if s[i + 1] == 0 and (self.lower_order_final or self.method not in ("lms", "ipndm")):
+            return denoised
+        p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
+        self.x_last, self.p_last = x, p
+        return multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant)
+
+
+def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
+                     disable=None, order: int | None = None, variant: str = "bh2",
+                     lower_order_final: bool | None = None) -> Tensor:
+    """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
+
+    Args:
+        order: the solver's order (default ``DEFAULT_ORDER[method]``; at most ``MAX_ORDER``).
+        variant: UniPC's B(h): ``"bh1"`` or ``"bh2"``.
+        lower_order_final: lower the order on the last steps (UniPC's rule, min(order, steps left));
+            False keeps the full order to the end (k-diffusion's LMS, diffusers' schedulers on long grids).
+            None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
+            full order up to the hand-off.
+    """
+    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, as_sigma(solver.s[i], x), **extra_args)
+        x = solver.correct(x, i, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = solver.step(x, i, denoised)
+    return x
