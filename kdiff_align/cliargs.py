@@ -41,11 +41,11 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
+        if isinstance(action, argparse._StoreTrueAction):
+            return text + " (default: off)"
         if action.required or not action.option_strings or action.default is argparse.SUPPRESS or \
                 "%(default)" in text:
             return text
-        if isinstance(action, argparse._StoreTrueAction):
-            return text + " (default: off)"
         return text + (" (default: not set)" if action.default is None else " (default: %(default)s)")
 
 
@@ -230,8 +230,9 @@ def model_spec(text: str) -> str:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is neither toy:NAME ({', '.join(TOY_MODELS)}) nor an existing "
                                          "diffusers folder")
-    if not (path / "model_index.json").is_file():
-        raise argparse.ArgumentTypeError(f"folder {text!r} has no model_index.json, so it is not a diffusers model")
+    if not any((path / name).exists() for name in ("model_index.json", "unet", "transformer")):
+        raise argparse.ArgumentTypeError(f"folder {text!r} has no model_index.json, unet/ or transformer/, so it is "
+                                         "not a diffusers model")
     return text
 
 
@@ -280,11 +281,11 @@ def add_model_argument(p, required: bool = True) -> None:
                    help=f"a shipped model (toy:{', toy:'.join(TOY_MODELS)}) or a local diffusers folder")
 
 
-def add_steps_argument(p, default: int = 20, minimum: int = 1) -> None:
+def add_steps_argument(p, default: int = 20) -> None:
     """``--steps`` (the old ``--T`` still works, with a note): steps of the Karras grid, then the step to 0."""
-    p.add_argument("--steps", type=int_at_least(minimum), default=default,
+    p.add_argument("--steps", type=positive_int, default=default,
                    help="sampling steps on the Karras grid from sigma_max to sigma_min, then the step to 0")
-    p.add_argument("--T", dest="steps", type=int_at_least(minimum), action=DeprecatedAlias, new="--steps",
+    p.add_argument("--T", dest="steps", type=positive_int, action=DeprecatedAlias, new="--steps",
                    help=argparse.SUPPRESS)
 
 

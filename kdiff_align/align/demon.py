@@ -29,7 +29,7 @@ from tqdm.auto import trange
 from .. import sampling, schedules
 from ..cond import batched_call
 from ..rewards import check_rewards
-from ..utils import as_sigma, check_finite, check_sigmas, randn_like
+from ..utils import as_sigma, check_finite, check_generator, check_sigmas, randn_like
 
 DEMON_TYPES = ("tanh", "boltzmann", "optimal")
 R_OF_C = ("consistency", "baseline")
@@ -256,6 +256,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         max_batch: the most rows per network call (candidates are chunked, never looped one by one).
     """
     _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
+    check_generator(generator, x.shape[0])
     extra_args = extra_args or {}
     counts = dict.fromkeys(("network_calls", "network_rows", "consistency_calls", "consistency_rows"), 0)
     net = _counted(model, counts, "network", max_batch)
@@ -483,7 +484,7 @@ def add_cli(sub) -> None:
     p.add_argument("--prompt", required=True, help="the prompt (a class name for the toy models)")
     cliargs.add_reward_arguments(p)
     p.add_argument("--reward-class", default=None, help="deprecated: use --reward classifier:CLASS")
-    cliargs.add_steps_argument(p, minimum=2)
+    cliargs.add_steps_argument(p)
     cliargs.add_demon_arguments(p)
     p.add_argument("--cfg", type=cliargs.float_in(), default=3.0, help="classifier-free guidance weight")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the initial noise and of the candidates")
@@ -529,6 +530,8 @@ def cli_main(args) -> int:
     from .. import cliargs
     from ..generate import RewardFactory, load_model, reward_label  # the shared model and reward vocabulary
     spec = cli_reward(args)
+    if args.steps < 2:
+        raise ValueError(f"--steps: demon needs >= 2 steps (Demon steps, then the step to 0), got {args.steps}")
     cliargs.check_reward_options(spec, args.model, args)
     cliargs.check_prompts([args.prompt], args.model)
     kind, arg = cliargs.reward_kind(spec)
