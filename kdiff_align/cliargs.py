@@ -216,6 +216,18 @@ def out_dir(text: str) -> Path:
     return path
 
 
+def device(text: str) -> str:
+    """A torch device name (``cpu``, ``cuda``, ``cuda:1``, ...) that this machine has."""
+    import torch
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asks for CUDA, which this machine's torch cannot use")
+    return text
+
+
 def model_spec(text: str) -> str:
     """``toy:NAME`` (fashion, digits, fashion_latent, mixture) or a local diffusers folder; ``toy`` is deprecated."""
     if text == "toy":

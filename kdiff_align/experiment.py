@@ -10,10 +10,11 @@ Layout of ``Experiment(directory, config)``::
 
 A run killed at any point resumes with ``Experiment(directory, config)``: finished images are in the
 manifest and are not recomputed; an image being written when the run died is recomputed under the
-same name, so none is lost or duplicated. With ``reconfigure_empty=True`` a directory without finished
-images takes a new config (a run that failed before its first image never blocks the corrected rerun). ``steps()`` drops the step lines of attempts that died
+same name, so none is lost or duplicated. ``steps()`` drops the step lines of attempts that died
 before finishing their image. Lines are appended with one ``write`` on an ``O_APPEND`` descriptor,
-so processes sharding one directory (``shard``) can log side by side.
+so processes sharding one directory (``shard``) can log side by side. With ``reconfigure_empty=True``
+a directory without finished images takes a new config (a run that failed before its first image
+never blocks the corrected rerun).
 """
 from __future__ import annotations
 

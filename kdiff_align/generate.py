@@ -467,7 +467,8 @@ def add_arguments(p) -> None:
     p.add_argument("--alpha", type=cliargs.positive_float, default=1.0, help="smc: target p(x)·exp(r/α), α > 0")
     p.add_argument("--proposal", default="auto", choices=("auto", "guided", "prior"),
                    help="smc: auto = guided for differentiable rewards, else prior")
-    p.add_argument("--device", default=None, help="cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--device", type=cliargs.device, default=None,
+                   help="cuda:LOCAL_RANK when CUDA is available, else cpu")
     p.add_argument("--fp16", action="store_true", help="run diffusers networks in float16")
     p.add_argument("--max-batch", type=cliargs.positive_int, default=None, help="the most rows per network call")
     p.add_argument("--barrier-timeout", type=cliargs.positive_float, default=24 * 3600.0,

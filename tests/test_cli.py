@@ -88,6 +88,7 @@ GENERATE_FAILURES = [  # (arguments after "generate", words the one line must ho
     (["--model", "toy:fashion", "--prompt", "bag", "--reward", "classifier:purse"], ["--reward classifier", "purse"]),
     (["--model", "toy:mixture", "--prompt", "purple"], ["--prompt", "purple", "grey"]),
     ([*MIX, "--method", "magic"], ["--method", "magic"]),
+    ([*MIX, "--device", "abacus"], ["--device", "abacus"]),
 ]
 
 
@@ -139,10 +140,13 @@ def test_demon_failures_are_one_line_and_make_no_folder(place, args, words, caps
 
 
 def test_a_runtime_failure_is_one_line_and_debug_shows_the_traceback(place, capsys):
-    """A failure past parsing (torch rejects the device name) is still one line; --debug raises it."""
-    args = ["generate", *MIX, "--device", "abacus", "--out", place / "run", "--no-progress"]
-    assert_one_line_error(run_in_process(capsys, *args), "generate", "abacus", "--debug shows the traceback")
-    with pytest.raises(RuntimeError, match="abacus"):
+    """A failure while loading (a diffusers folder without its parts) is still one line, and nothing is
+    written; --debug raises it."""
+    (place / "a_dir" / "model_index.json").write_text("{}")
+    args = ["generate", "--model", place / "a_dir", "--prompt", "a cat", "--out", place / "run", "--no-progress"]
+    assert_one_line_error(run_in_process(capsys, *args), "generate", "unet")
+    assert not (place / "run").exists()
+    with pytest.raises(Exception, match="unet"):
         main(["--debug", *map(str, args)])
 
 

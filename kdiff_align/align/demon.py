@@ -492,7 +492,7 @@ def add_cli(sub) -> None:
                    help="experiment directory (each run makes a fresh folder inside)")
     p.add_argument("--save-pils", action="store_true", help="save every candidate's look-ahead image")
     p.add_argument("--max-batch", type=cliargs.positive_int, default=None, help="the most rows per network call")
-    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--device", type=cliargs.device, default=None, help="cuda when available, else cpu")
     p.add_argument("--fp16", action="store_true", help="run diffusers networks in float16")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cli_main, interrupted=cli_interrupted)
