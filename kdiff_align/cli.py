@@ -1,13 +1,18 @@
-"""Command line: ``kdiff-align demo [--out DIR] [--quick]``."""
+"""Command line: kdiff-align {demo, demon, generate} (kdiff-align SUB --help for each).
+
+A bad value fails before anything is loaded or written, with one line naming the flag and exit
+status 2 (--debug shows the traceback); Ctrl-C stops with one line saying what was kept (exit 130).
+"""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from . import cliargs
+
 
 def demo(args) -> int:
-    """``kdiff-align demo``: the main job of ``kdiff_align.demo`` (grids, reward-vs-NFE plot, table)."""
+    """kdiff-align demo: the main job of kdiff_align.demo (grids, reward-vs-NFE plot, table)."""
     import torch
 
     from . import demo as main_job
@@ -18,23 +23,37 @@ def demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kdiff-align", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run the offline demo and write pictures to --out")
-    p_demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p_demo.add_argument("--quick", action="store_true", help="smaller sizes, for tests")
-    p_demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p_demo.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: the small shipped models run fastest and "
-                             "most predictably on one thread per process)")
-    p_demo.set_defaults(func=demo)
+def demo_interrupted(args) -> str:
+    return f"the pictures finished so far are in {args.out}; rerun the same command to redo them all"
+
+
+def add_demo(sub) -> None:
+    p = cliargs.subparser(sub, "demo", help="run the offline demo and write pictures to --out")
+    p.add_argument("--out", type=cliargs.out_dir, default="demo_out", help="output folder")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for tests")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--threads", type=cliargs.positive_int, default=1,
+                   help="torch intra-op threads (the small shipped models run fastest and most predictably on "
+                        "one thread per process)")
+    p.set_defaults(func=demo, interrupted=demo_interrupted)
+
+
+def parser() -> cliargs.Parser:
+    """The kdiff-align parser with every subcommand."""
+    top = cliargs.Parser(prog="kdiff-align", description=__doc__, formatter_class=cliargs.Formatter)
+    top.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
+    sub = top.add_subparsers(dest="command", required=True)
+    add_demo(sub)
     from .align import demon
-    demon.add_cli(sub)  # kdiff-align demon --model PATH|toy --prompt ... --reward ...
+    demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
     from . import generate
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return cliargs.run(args, f"kdiff-align {args.command}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ Condition = dict | Sequence[dict]
 
 def parse_condition(condition: Condition, batch_size: int | None = None) -> list[tuple[list[str], list[float]]]:
     """Validate a condition and return one ``(prompts, cfgs)`` pair per item (one pair if shared)."""
+    if isinstance(condition, str) or not isinstance(condition, (dict, Sequence)):
+        raise ValueError(f"condition must be a dict {{'prompts': [...], 'cfgs': [...]}} or a list of them, got "
+                         f"{type(condition).__name__} {condition!r:.60}; for one prompt write "
+                         "{'prompts': [prompt], 'cfgs': [weight]}")
     items = [condition] if isinstance(condition, dict) else list(condition)
     if not items:
         raise ValueError("condition must be a dict {'prompts': [...], 'cfgs': [...]} or a non-empty list of them")

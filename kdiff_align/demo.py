@@ -10,11 +10,17 @@ per output image: a number of forward evaluations, or ``utils.nfe_summary(forwar
 method that backpropagates through the network (``results.json`` holds ``nfe_forward``,
 ``nfe_backward`` and ``nfe``, their total in forward equivalents). Add an alignment method by adding
 one entry to the dict returned by ``methods``.
+
+``constrained_baselines()`` are methods that follow a constraint instead of the reward (inexact-Newton
+inpainting: the left half is fixed): they run once, are scored under every reward for reference, and
+their grid shows the constraint (the fixed half) above the completions; the table and the plot label
+them as constrained baselines that ignore the reward.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -79,9 +85,12 @@ def smc_steering(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: i
     return res.x0, model.rows / x_T.shape[0]
 
 
-def newton_inpainting(pipe, x_T: Tensor, reward, generator, disable, steps: int, n_iter: int = 3) -> tuple[Tensor, float]:
+def newton_inpainting(pipe, x_T: Tensor, generator, disable, steps: int, n_iter: int = 3) -> tuple[Tensor, float, dict]:
     """Inexact-Newton inpainting (forward passes only): the left half is fixed to a class-conditional sample of
-    ``CLASS_NAME`` (its calls counted too), the rest completed by the unconditional model; ignores the reward."""
+    ``CLASS_NAME`` (its calls counted too), the rest completed by the unconditional model; ignores the reward.
+
+    Returns the completions, the NFE per image and the constraint ``{"known": [B, ...], "mask": [1, 1, H, W]}``.
+    """
     from .align.newton import Mask, linear_residual, sample_constrained
     model, b = CountingDenoiser(pipe.denoiser), x_T.shape[0]
     labels = lambda c: {"class_labels": torch.full((b,), c, dtype=torch.long, device=x_T.device)}
@@ -92,7 +101,7 @@ def newton_inpainting(pipe, x_T: Tensor, reward, generator, disable, steps: int,
     mask[..., : x_T.shape[-1] // 2] = 1
     x0 = sample_constrained(model, x_T, pipe.sigmas(steps), linear_residual(Mask(mask), known * mask), n_iter=n_iter,
                             extra_args=labels(len(pipe.class_names)), generator=generator, disable=disable)
-    return x0, model.rows / b
+    return x0, model.rows / b, {"known": known * mask, "mask": mask}
 
 
 def methods() -> dict[str, Callable]:
@@ -102,8 +111,18 @@ def methods() -> dict[str, Callable]:
         "best-of-4": best_of_n,
         "demon K=4": demon,
         "SMC N=4": smc_steering,
-        "Newton inpaint": newton_inpainting,
     }
+
+
+def constrained_baselines() -> dict[str, Callable]:
+    """Baselines that follow a constraint, not the reward: name → ``fn(pipe, x_T, generator, disable, steps)``
+    returning ``(images, nfe, constraint)``."""
+    return {"Newton inpaint": newton_inpainting}
+
+
+def slug(name: str) -> str:
+    """A method's file name stem: ``"demon K=4"`` → ``"demon_K=4"``."""
+    return re.sub(r"[^A-Za-z0-9=.-]+", "_", name).strip("_")
 
 
 def demo_rewards(pipe) -> dict[str, Callable]:
@@ -140,14 +159,42 @@ def save_grid(images: dict[str, Tensor], scores: dict[str, Tensor], path: Path, 
     plt.close(fig)
 
 
+def save_constraint_grid(known: Tensor, mask: Tensor, x0: Tensor, scores: dict[str, Tensor], path: Path,
+                         title: str) -> None:
+    """A constrained baseline: the constraint (fixed pixels; the free part grey) above the completions."""
+    import matplotlib.pyplot as plt
+    cols = x0.shape[0]
+    fig, axes = plt.subplots(2, cols, figsize=(max(1.3 * cols, 4.0), 3.8), squeeze=False)
+    shown = torch.where(mask.bool(), known, torch.zeros_like(known)).cpu()
+    edge = int(mask[0, 0, 0].sum()) - 0.5  # the column where the free part starts
+    for j in range(cols):
+        for row, image in enumerate((shown, x0.cpu())):
+            ax = axes[row][j]
+            ax.axis("off")
+            ax.imshow(image[j, 0].clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.axvline(edge, color="red", lw=1, ls="--")
+        axes[1][j].set_title("\n".join(f"{scores[name][j]:.2f}" for name in scores), fontsize=7)
+    for row, label in enumerate(("constraint:\nleft half fixed", "completion\n(" + " / ".join(scores) + ")")):
+        axes[row][0].text(-0.15, 0.5, label, transform=axes[row][0].transAxes, rotation=90, va="center",
+                          ha="right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
 def save_plot(results: list[dict], path: Path) -> None:
-    """Mean reward (± standard error) against network evaluations per image, one panel per reward."""
+    """Mean reward (± standard error) against network evaluations per image, one panel per reward;
+    constrained baselines (which ignore the reward) are open squares, labelled as such."""
     import matplotlib.pyplot as plt
     names = list(dict.fromkeys(r["reward"] for r in results))
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         for r in (r for r in results if r["reward"] == name):
-            ax.errorbar(r["nfe"], r["mean"], yerr=r["sem"], fmt="o", capsize=3, label=r["method"])
+            baseline = r.get("kind") == "constrained"
+            ax.errorbar(r["nfe"], r["mean"], yerr=r["sem"], fmt="s" if baseline else "o", capsize=3,
+                        mfc="none" if baseline else None,
+                        label=r["method"] + (" (constrained baseline, ignores the reward)" if baseline else ""))
         ax.set_xscale("log")
         ax.set(xlabel="network evaluations per image", ylabel=name, title=name)
         ax.legend(fontsize=8)
@@ -174,14 +221,20 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
             x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
             nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule
             seconds = time.perf_counter() - start
-            with torch.no_grad():
-                r = rewards.check_rewards(reward(x0), batch, reward_name).float().cpu()
-            images[reward_name], scores[reward_name] = x0.detach().cpu(), r
-            results.append(dict(method=method, reward=reward_name, mean=r.mean().item(),
-                                sem=(r.std() / batch**0.5).item() if batch > 1 else 0.0, nfe=nfe["total"],
-                                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds=seconds))
-        slug = method.replace(" ", "_").replace("/", "_")
-        save_grid(images, scores, out / f"{slug}.png", f"{method}: {batch} samples from the same noises, {steps} steps")
+            images[reward_name], scores[reward_name] = x0.detach().cpu(), _score(reward, x0, batch, reward_name)
+            results.append(_row(method, reward_name, scores[reward_name], nfe, seconds, "reward"))
+        save_grid(images, scores, out / f"{slug(method)}.png",
+                  f"{method}: {batch} samples from the same noises, {steps} steps")
+    for method, fn in constrained_baselines().items():  # one run: the result does not depend on the reward
+        start = time.perf_counter()
+        x0, nfe, constraint = fn(pipe, x_T, torch.Generator().manual_seed(seed + 1), disable, steps)
+        nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)
+        seconds = time.perf_counter() - start
+        scores = {name: _score(reward, x0, batch, name) for name, reward in reward_fns.items()}
+        results += [_row(method, name, r, nfe, seconds, "constrained") for name, r in scores.items()]
+        save_constraint_grid(constraint["known"], constraint["mask"], x0.detach(), scores, out / f"{slug(method)}.png",
+                             f"{method}: constrained baseline, {steps} steps\n"
+                             "ignores the reward (scored for reference)")
     save_plot(results, out / "reward_vs_nfe.png")
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
@@ -189,9 +242,26 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
     return results
 
 
+def _score(reward, x0: Tensor, batch: int, name: str) -> Tensor:
+    with torch.no_grad():
+        return rewards.check_rewards(reward(x0), batch, name).float().cpu()
+
+
+def _row(method: str, reward: str, r: Tensor, nfe: dict, seconds: float, kind: str) -> dict:
+    """One results row; ``kind`` is ``reward`` (aligned to it) or ``constrained`` (ignores it); ``nfe`` is
+    ``utils.nfe_summary``'s dict (``nfe`` is its total in forward equivalents)."""
+    sem = (r.std() / len(r) ** 0.5).item() if len(r) > 1 else 0.0
+    return dict(method=method, reward=reward, kind=kind, mean=r.mean().item(), sem=sem, nfe=float(nfe["total"]),
+                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds=seconds)
+
+
 def print_table(results: list[dict]) -> None:
-    """The results as an aligned text table."""
-    print(f"{'method':<16}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'seconds':>9}")
+    """The results as an aligned text table; constrained baselines are starred."""
+    print(f"{'method':<17}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'seconds':>9}")
     for r in results:
-        print(f"{r['method']:<16}{r['reward']:<16}{r['mean']:>9.3f}{r['sem']:>8.3f}{r['nfe']:>9.0f}"
+        star = "*" if r.get("kind") == "constrained" else ""
+        print(f"{r['method'] + star:<17}{r['reward']:<16}{r['mean']:>9.3f}{r['sem']:>8.3f}{r['nfe']:>9.0f}"
               f"{r['seconds']:>9.2f}")
+    if any(r.get("kind") == "constrained" for r in results):
+        print("* constrained baseline: follows its constraint (left half fixed) and ignores the reward; "
+              "scored for reference")

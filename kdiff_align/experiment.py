@@ -6,12 +6,15 @@ Layout of ``Experiment(directory, config)``::
     steps.jsonl       one JSON line per logged step (rewards, weights, NFE, ...), tagged with item and attempt
     images/NAME.png   finished images, each written to a temporary file and moved into place
     manifest.jsonl    one line per finished image, appended after its file is in place
+    INCOMPLETE        present while a run that called ``mark_incomplete`` has not called ``mark_complete``
 
 A run killed at any point resumes with ``Experiment(directory, config)``: finished images are in the
 manifest and are not recomputed; an image being written when the run died is recomputed under the
 same name, so none is lost or duplicated. ``steps()`` drops the step lines of attempts that died
 before finishing their image. Lines are appended with one ``write`` on an ``O_APPEND`` descriptor,
-so processes sharding one directory (``shard``) can log side by side.
+so processes sharding one directory (``shard``) can log side by side. With ``reconfigure_empty=True``
+a directory without finished images takes a new config (a run that failed before its first image
+never blocks the corrected rerun).
 """
 from __future__ import annotations
 
@@ -139,13 +142,14 @@ class Experiment:
 
     Args:
         directory: created if missing; an existing one is resumed.
-        config: settings to save as ``config.json`` (secrets dropped); on resume it must equal the saved one.
+        config: settings to save as ``config.json`` (secrets dropped); on resume it must equal the saved one
+            unless ``reconfigure_empty`` and no image is finished yet (then the new one replaces it).
         resume: False refuses a directory that already holds a config.
         secrets: extra strings that must never be written (the environment's secrets are always dropped).
     """
 
     def __init__(self, directory: str | os.PathLike, config: dict | None = None, *, resume: bool = True,
-                 secrets: Iterable[str] = ()):
+                 secrets: Iterable[str] = (), reconfigure_empty: bool = False):
         self.directory = Path(directory)
         self.images_dir = self.directory / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -153,11 +157,11 @@ class Experiment:
         self.attempt = uuid.uuid4().hex[:12]
         for directory in (self.directory, self.images_dir):
             _remove_dead_temporaries(directory)
-        self.config = self._open_config(config, resume)
+        self.config = self._open_config(config, resume, reconfigure_empty)
         self.finished = {r["name"]: r for r in read_jsonl(self.directory / "manifest.jsonl")
                          if isinstance(r, dict) and "name" in r and (self.images_dir / r.get("file", "")).is_file()}
 
-    def _open_config(self, config: dict | None, resume: bool) -> dict:
+    def _open_config(self, config: dict | None, resume: bool, reconfigure_empty: bool) -> dict:
         path = self.directory / "config.json"
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
@@ -166,6 +170,10 @@ class Experiment:
             if not resume:
                 raise FileExistsError(f"{self.directory} already holds an experiment; pass resume=True to continue it")
             saved = json.loads(path.read_text())
+            if reconfigure_empty and config is not None and saved != clean and \
+                    not read_jsonl(self.directory / "manifest.jsonl"):
+                saved = clean  # nothing was finished under the old settings: nothing can be mixed
+                atomic_write_bytes(path, (json.dumps(clean, indent=2, sort_keys=True) + "\n").encode())
             if config is not None and saved != clean:
                 raise ValueError(f"config differs from the one saved in {path} at keys {_config_diff(saved, clean)}; "
                                  "use a new directory for new settings")
@@ -175,6 +183,14 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment({str(self.directory)!r}, finished={len(self.finished)})"
+
+    def mark_incomplete(self, note: str = "this run has not finished") -> None:
+        """Write the ``INCOMPLETE`` marker (with ``note``: how to finish the run)."""
+        atomic_write_bytes(self.directory / "INCOMPLETE", (note + "\n").encode())
+
+    def mark_complete(self) -> None:
+        """Remove the ``INCOMPLETE`` marker."""
+        (self.directory / "INCOMPLETE").unlink(missing_ok=True)
 
     def image_path(self, name: str) -> Path:
         """Where image ``name`` lives (``images/NAME.png``)."""

@@ -10,6 +10,9 @@ a ``torch.distributed`` barrier (gloo on CPU, NCCL on GPU) rank 0 writes the mer
 
     torchrun --nproc_per_node 4 --no-python kdiff-align generate --model toy:fashion \\
         --prompts prompts.txt --seeds 0-7 --method demon --reward classifier --out runs/bags
+
+Every flag is checked before anything is loaded or written; the run folder holds an ``INCOMPLETE``
+file until rank 0 has written the report, and a folder without finished images takes new settings.
 """
 from __future__ import annotations
 
@@ -27,13 +30,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import experiment, rewards, sampling
+from . import cliargs, experiment, rewards, sampling
 from .pipeline import Pipeline
 from .utils import BACKWARD_COST, nfe_summary
 
 METHODS = ("plain", "demon", "smc", "best_of_n")
-REWARDS = ("jpeg", "jpeg_incompressible", "brightness", "classifier[:CLASS]", "aesthetic:CLIP_DIR", "vlm", "human")
-DIFFERENTIABLE = ("brightness", "classifier", "aesthetic")
+DIFFERENTIABLE = ("brightness", "contrast", "classifier", "aesthetic")
 MIXTURE_CLASSES = ["dark", "grey", "light"]
 GRID_ROWS, GRID_COLS = 16, 8  # the report grid shows at most this many prompts × seeds
 
@@ -99,16 +101,19 @@ def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Pip
 # --- rewards -----------------------------------------------------------------------------------
 
 def parse_reward(spec: str) -> tuple[str, str | None]:
-    """``"classifier:bag"`` → ``("classifier", "bag")``; fails early on an unknown kind."""
-    kind, _, arg = str(spec).partition(":")
-    kinds = ("jpeg", "jpeg_incompressible", "brightness", "classifier", "aesthetic", "vlm", "human")
-    if kind not in kinds:
-        raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {spec!r}")
-    if kind == "aesthetic" and not arg:
-        raise ValueError("reward 'aesthetic' needs the CLIP ViT-L/14 folder: aesthetic:PATH (and --aesthetic-head)")
-    if arg and kind not in ("classifier", "aesthetic"):
-        raise ValueError(f"reward {kind!r} takes no ':' argument, got {spec!r}")
-    return kind, arg or None
+    """``"classifier:bag"`` → ``("classifier", "bag")`` (names of ``cliargs.REWARDS``); fails early on others."""
+    try:
+        return cliargs.reward_kind(cliargs.reward_spec(str(spec)))
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"reward: {error}") from None
+
+
+def reward_label(spec: str, prompt: str = "") -> str:
+    """What a reward spec measures, for plot labels: ``classifier:bag`` → ``classifier logit of 'bag'``."""
+    kind, arg = parse_reward(spec)
+    if kind == "classifier":
+        return f"classifier logit of {arg or prompt!r}"
+    return {"jpeg-small": "-JPEG kB (small files)", "jpeg-large": "JPEG kB (large files)"}.get(kind, kind)
 
 
 class RewardFactory:
@@ -118,9 +123,9 @@ class RewardFactory:
         self.kind, self.arg = parse_reward(spec)
         self.pipe, self.args, self._shared, self._cache = pipe, args, None, {}
         if self.kind == "classifier" and not hasattr(pipe, "classifier"):
-            raise ValueError("reward 'classifier' needs a shipped toy model with a classifier (--model toy:fashion)")
+            raise ValueError("--reward classifier needs a shipped toy model with a classifier (--model toy:fashion)")
         if self.kind == "vlm" and not (args.vlm_url and args.vlm_model):
-            raise ValueError("reward 'vlm' needs --vlm-url and --vlm-model")
+            raise ValueError("--reward vlm needs --vlm-url and --vlm-model")
 
     @property
     def differentiable(self) -> bool:
@@ -148,12 +153,14 @@ class RewardFactory:
 
     def _build(self, prompt: str) -> Callable[[Tensor], Tensor]:
         decode, kind = self.pipe.decode, self.kind
-        if kind == "jpeg":
+        if kind == "jpeg-small":
             return rewards.jpeg_compressibility(decode)
-        if kind == "jpeg_incompressible":
+        if kind == "jpeg-large":
             return rewards.jpeg_incompressibility(decode)
         if kind == "brightness":
             return lambda x0: rewards.brightness(decode(x0).clamp(-1, 1))
+        if kind == "contrast":
+            return lambda x0: rewards.contrast(decode(x0).clamp(-1, 1))
         if kind == "classifier":
             from . import toy
             return toy.classifier_reward(self.pipe, self.arg or prompt)
@@ -204,16 +211,17 @@ def run_best_of_n(pipe, model, x_T, reward, generator, args, log):
 
 def run_demon(pipe, model, x_T, reward, generator, args, log):
     """Sampling Demon (``align.demon.sample_demon``), logging the K rewards and weights of every step."""
-    from .align.demon import sample_demon
+    from .align.demon import cli_beta, sample_demon
 
     def callback(info):
         if "reward" in info:
             log({"step": info["i"], "sigma": float(info["sigma"]), "rewards": info["reward"][0].tolist(),
                  "weights": info["weights"][0].tolist()})
 
-    tau = args.tau if args.tau == "adaptive" else float(args.tau)
-    x0, info = sample_demon(model, x_T, pipe.sigmas(args.steps), reward, K=args.K, beta=args.beta, tau=tau,
-                            demon_type=args.demon_type, r_of_c=args.r_of_c, ode_after=args.ode_after,
+    sigmas = pipe.sigmas(args.steps)
+    x0, info = sample_demon(model, x_T, sigmas, reward, K=args.K, beta=cli_beta(args.beta, sigmas, args.ode_after),
+                            tau=args.tau, demon_type=args.demon_type, r_of_c=args.r_of_c, ode_after=args.ode_after,
+                            c_steps=args.c_steps,
                             generator=generator, return_info=True, callback=callback, disable=True,
                             max_batch=args.max_batch, method=args.sampler)
     return x0, info["nfe"]["network_rows"]
@@ -243,26 +251,21 @@ METHOD_FNS = {"plain": run_plain, "best_of_n": run_best_of_n, "demon": run_demon
 
 def read_prompts(path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompts file {str(path)!r} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
-    return prompts
+    try:
+        path = cliargs.existing_file(str(path))
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"--prompts: {error}") from None
+    return cliargs.read_prompts(path)
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``: non-negative, unique, in the order given."""
-    seeds = []
-    for part in str(text).split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise ValueError(f"seeds must look like '0-7' or '0,3,5' (non-negative ints), got {text!r}")
-        seeds.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be a non-empty list without repeats, got {text!r}")
-    return seeds
+def parse_seeds(text) -> list[int]:
+    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``: non-negative, unique, in the order given (``cliargs.seeds``)."""
+    if isinstance(text, list):
+        return text
+    try:
+        return cliargs.seeds(str(text))
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"seeds: {error}") from None
 
 
 def items(prompts: list[str], seeds: list[int]) -> list[tuple[str, int, int]]:
@@ -276,10 +279,10 @@ def run_config(args, prompts: list[str], seeds: list[int]) -> dict:
                   steps=args.steps, cfg=args.cfg, fp16=args.fp16)
     method = {"best_of_n": dict(n=args.n),
               "demon": dict(K=args.K, beta=args.beta, tau=args.tau, demon_type=args.demon_type, r_of_c=args.r_of_c,
-                            ode_after=args.ode_after),
+                            c_steps=args.c_steps, ode_after=args.ode_after),
               "smc": dict(particles=args.particles, alpha=args.alpha, proposal=args.proposal)}.get(args.method, {})
     reward = dict(vlm_url=args.vlm_url, vlm_model=args.vlm_model) if args.reward == "vlm" else \
-        dict(aesthetic_head=args.aesthetic_head) if args.reward.startswith("aesthetic") else {}
+        dict(aesthetic_head=str(args.aesthetic_head)) if args.reward.startswith("aesthetic") else {}
     # the default sampler is left out, so that runs made before --sampler existed stay resumable
     sampler = {} if getattr(args, "sampler", "heun") == "heun" else {"sampler": args.sampler}
     return {**config, **sampler, **method, **reward}
@@ -310,13 +313,15 @@ def barrier() -> None:
 
 def generate(args) -> Path | None:
     """Generate this rank's pending images; rank 0 writes the merged report after a barrier."""
-    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
-    seeds = parse_seeds(args.seeds)
+    prompts, seeds = run_prompts(args), parse_seeds(args.seeds)
     rank, world, device = init_distributed(args.device, args.barrier_timeout)
+    pipe = load_model(args.model, device, torch.float16 if args.fp16 else None)
+    factory = RewardFactory(args.reward, pipe, args)
     config = run_config(args, prompts, seeds)
     secrets = [os.environ.get(args.vlm_key_env, "")] if args.vlm_key_env else []
     if rank == 0:  # rank 0 creates (or checks) the directory before the others open it
-        exp = experiment.Experiment(args.out, config, secrets=secrets)
+        exp = experiment.Experiment(args.out, config, secrets=secrets, reconfigure_empty=True)
+        exp.mark_incomplete("rerun the same command to finish this run (finished images are kept)")
     barrier()
     if rank != 0:
         exp = experiment.Experiment(args.out, config, secrets=secrets)
@@ -326,19 +331,30 @@ def generate(args) -> Path | None:
     print(f"[rank {rank}/{world}] {len(mine)} items, {len(mine) - len(pending)} already done", file=sys.stderr,
           flush=True)
     if pending:
-        make = make_item_fn(args, exp, prompts, table, device)
+        make = make_item_fn(args, exp, prompts, table, pipe, factory)
         experiment.run_items(exp, mine, make, disable=args.no_progress or rank != 0 or None)
     barrier()
-    report = write_report(experiment.Experiment(args.out, config, secrets=secrets), prompts, table) \
-        if rank == 0 else None
+    report = None
+    if rank == 0:
+        exp = experiment.Experiment(args.out, config, secrets=secrets)
+        report = write_report(exp, prompts, table)
+        exp.mark_complete()
     barrier()
     return report
 
 
-def make_item_fn(args, exp, prompts, table, device) -> Callable:
+def run_prompts(args) -> list[str]:
+    """The run's prompts (``--prompts`` file or ``--prompt``), checked against a toy model's class names."""
+    prompts = cliargs.read_prompts(args.prompts) if args.prompts else [args.prompt]
+    cliargs.check_prompts(prompts, args.model, "--prompts" if args.prompts else "--prompt")
+    kind, arg = parse_reward(args.reward)
+    if kind == "classifier":
+        cliargs.check_prompts([arg] if arg else prompts, args.model, "--reward classifier")
+    return prompts
+
+
+def make_item_fn(args, exp, prompts, table, pipe, factory) -> Callable:
     """``make(name) -> PIL image`` for this run: seeded noise, the method, the final reward logged."""
-    pipe = load_model(args.model, device, torch.float16 if args.fp16 else None)
-    factory = RewardFactory(args.reward, pipe, args)
     method = METHOD_FNS[args.method]
     extra = {"differentiable": factory.differentiable} if args.method == "smc" else {}
 
@@ -444,65 +460,52 @@ def save_grid(exp, prompts, table, records, path: Path) -> None:
 
 def add_cli(sub) -> None:
     """The ``generate`` subcommand."""
-    p = sub.add_parser("generate", help="generate images for a prompt file × seeds; shard with torchrun",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cliargs.subparser(sub, "generate", help="generate images for a prompt file × seeds; shard with torchrun",
+                          description=__doc__)
     add_arguments(p)
-    p.set_defaults(func=cli_main)
+    p.set_defaults(func=cli_main, interrupted=interrupted)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True,
-                   help="toy:NAME (fashion, digits, fashion_latent, mixture) or a local diffusers folder")
+    cliargs.add_model_argument(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help="text file, one prompt per line (class names for toy models)")
+    src.add_argument("--prompts", type=cliargs.existing_file,
+                     help="text file, one prompt per line (class names for toy models)")
     src.add_argument("--prompt", help="a single prompt")
-    p.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 0,3,5 (default 0-3)")
-    p.add_argument("--method", default="plain", choices=METHODS)
-    p.add_argument("--reward", default="jpeg", help=" | ".join(REWARDS))
-    p.add_argument("--out", required=True, help="experiment directory; an existing one is resumed")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=cliargs.seeds, default="0-3", help="seeds, e.g. 0-7, 0,3,5 or 0-7,9")
+    p.add_argument("--method", default="plain", choices=METHODS, help="how each image is made")
+    cliargs.add_reward_arguments(p)
+    p.add_argument("--out", type=cliargs.out_dir, required=True,
+                   help="experiment directory; an existing one is resumed")
+    cliargs.add_steps_argument(p)
     p.add_argument("--sampler", default="heun", choices=sampling.METHODS,
                    help="PF-ODE method of plain / best_of_n sampling and of Demon's tail and rollouts")
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--n", type=int, default=4, help="best_of_n: candidates per image")
-    p.add_argument("--K", type=int, default=8, help="demon: candidates per step")
-    p.add_argument("--beta", type=float, default=0.1, help="demon: β of the Karras SDE")
-    p.add_argument("--tau", default="adaptive", help="demon: 'adaptive' or a positive number")
-    p.add_argument("--demon-type", default="tanh", choices=("tanh", "boltzmann", "optimal"))
-    p.add_argument("--r-of-c", default="consistency", choices=("consistency", "baseline"))
-    p.add_argument("--ode-after", type=float, default=0.11)
-    p.add_argument("--particles", type=int, default=8, help="smc: particles per image")
-    p.add_argument("--alpha", type=float, default=1.0, help="smc: target p(x)·exp(r/α)")
+    p.add_argument("--cfg", type=cliargs.float_in(), default=3.0, help="classifier-free guidance weight")
+    p.add_argument("--n", type=cliargs.positive_int, default=4, help="best_of_n: candidates per image")
+    cliargs.add_demon_arguments(p, prefix="demon: ")
+    p.add_argument("--particles", type=cliargs.positive_int, default=8, help="smc: particles per image")
+    p.add_argument("--alpha", type=cliargs.positive_float, default=1.0, help="smc: target p(x)·exp(r/α), α > 0")
     p.add_argument("--proposal", default="auto", choices=("auto", "guided", "prior"),
                    help="smc: auto = guided for differentiable rewards, else prior")
-    p.add_argument("--aesthetic-head", default=None, help="aesthetic: the MLP head's weights file")
-    p.add_argument("--vlm-url", default=None, help="vlm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--vlm-model", default=None)
-    p.add_argument("--vlm-key-env", default="OPENAI_API_KEY", help="vlm: name of the variable holding the API key")
-    p.add_argument("--vlm-concurrency", type=int, default=8)
-    p.add_argument("--human-mode", default="best", choices=("best", "rank"))
-    p.add_argument("--human-port", type=int, default=0,
-                   help="human: port of rank 0's page (rank r uses port + r); 0 picks free ports")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--barrier-timeout", type=float, default=24 * 3600, help="seconds ranks wait for each other")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", type=cliargs.device, default=None,
+                   help="cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--fp16", action="store_true", help="run diffusers networks in float16")
+    p.add_argument("--max-batch", type=cliargs.positive_int, default=None, help="the most rows per network call")
+    p.add_argument("--barrier-timeout", type=cliargs.positive_float, default=24 * 3600.0,
+                   help="seconds ranks wait for each other")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def check_args(args) -> None:
-    """Fail before any work on arguments that cannot work."""
-    for name in ("steps", "n", "K", "particles", "vlm_concurrency"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.tau != "adaptive":
-        try:
-            tau = float(args.tau)
-        except ValueError:
-            tau = math.nan
-        if not 0 < tau < math.inf:
-            raise ValueError(f"--tau must be 'adaptive' or a positive number, got {args.tau!r}")
-    parse_reward(args.reward)
+    """Fail before any work on settings that cannot work together (single values are checked by their types)."""
+    cliargs.check_reward_options(args.reward, args.model, args)
+    run_prompts(args)
+
+
+def interrupted(args) -> str:
+    """What a Ctrl-C leaves behind, and how to go on."""
+    done = len(experiment.read_jsonl(Path(args.out) / "manifest.jsonl"))
+    return f"{done} finished images are kept in {args.out}; rerun the same command to resume"
 
 
 def cli_main(args) -> int:
@@ -519,10 +522,13 @@ def cli_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kdiff-align generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m kdiff_align.generate``: the same as ``kdiff-align generate``."""
+    parser = cliargs.Parser(prog="kdiff-align generate", description=cliargs.plain(__doc__),
+                            formatter_class=cliargs.Formatter)
     add_arguments(parser)
-    return cli_main(parser.parse_args(argv))
+    cliargs.add_debug(parser)
+    parser.set_defaults(func=cli_main, interrupted=interrupted)
+    return cliargs.run(parser.parse_args(argv), parser.prog)
 
 
 if __name__ == "__main__":

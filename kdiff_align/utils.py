@@ -48,6 +48,19 @@ def as_sigma(sigma, x: Tensor) -> Tensor:
     return sigma
 
 
+def check_generator(generator, batch: int) -> None:
+    """Fail early unless ``generator`` is None, a ``torch.Generator`` or ``batch`` of them (one per item)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        hint = f" (for a seed use torch.Generator().manual_seed({generator}))" if isinstance(generator, int) else ""
+        raise TypeError(f"generator must be None, a torch.Generator or a list of them (one per batch item), "
+                        f"got {type(generator).__name__}{hint}")
+    if len(generator) != batch:
+        raise ValueError(f"generator is a list of {len(generator)} generators, expected one per batch item "
+                         f"({batch})")
+
+
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """Standard normal noise shaped like ``x``.
 
@@ -58,9 +71,7 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"generator is a list of {len(generator)} generators, expected one per batch item "
-                         f"({x.shape[0]})")
+    check_generator(generator, x.shape[0])
     return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
                         for g in generator])
 

@@ -364,7 +364,7 @@ def test_cli_demon_on_a_tiny_sd_folder(sd_folder, tmp_path, capsys):
                  "--beta", "0.05", "--ode-after", "1.0", "--out", str(tmp_path), "--no-progress",
                  "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "jpeg reward: plain ODE" in printed
+    assert "-JPEG kB (small files): plain ODE" in printed  # --reward jpeg is the old name of jpeg-small
     (run,) = tmp_path.iterdir()
     assert (run / "demon.png").exists() and (run / "rewards.png").exists()
 
@@ -436,7 +436,7 @@ def test_demon_on_the_shipped_fashion_model(tmp_path, capsys):
     (run,) = tmp_path.iterdir()
     steps = json.loads((run / "result.json").read_text())["demon_steps"]
     assert len(list((run / "trajectory").glob("*.png"))) == 2 * steps
-    assert "classifier reward: plain ODE" in capsys.readouterr().out
+    assert "classifier logit of 'sandal': plain ODE" in capsys.readouterr().out
 
 
 def _shifted(x, sigma, shift):

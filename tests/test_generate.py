@@ -102,6 +102,7 @@ def check_complete(out: Path, reference: Path) -> None:
     assert rows[0].startswith("name,prompt_index,prompt,seed,reward") and sorted(r.split(",")[0] for r in rows[1:]) == \
         sorted(NAMES)
     assert (out / "report.md").read_text() == (reference / "report.md").read_text()
+    assert not (out / "INCOMPLETE").exists()  # rank 0 removes the marker once the report is written
     assert pixels(out / "grid.png").shape[:2] == pixels(reference / "grid.png").shape[:2]
 
 
@@ -158,9 +159,12 @@ def test_killed_rank_then_killed_job_resume_without_loss(prompts_file, reference
     assert all(any(names <= set(shard(NAMES, k, 2)) for k in range(2)) for names in attempts.values())
 
 
-def test_resume_refuses_other_settings(prompts_file, reference):
-    with pytest.raises(ValueError, match="config differs"):
+def test_resume_refuses_other_settings(prompts_file, reference, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         generate.main(["--prompts", str(prompts_file), "--out", str(reference), *ARGS[:-1], "--beta", "0.2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "config differs" in err and "beta" in err and err.count("\n") == 1
+    assert not (reference / "INCOMPLETE").exists()  # the finished run stays marked complete
 
 
 @given(st.integers(1, 30), st.integers(1, 6), st.integers(1, 5))
@@ -171,21 +175,23 @@ def test_items_are_split_into_disjoint_complete_shards(n_prompts, n_seeds, world
     assert max(map(len, shards)) - min(map(len, shards)) <= 1  # balanced to within one item
 
 
-def test_bad_arguments_fail_early(tmp_path):
+def test_bad_arguments_fail_early(tmp_path, capsys):
     assert generate.parse_seeds("0-2,7") == [0, 1, 2, 7]
-    for bad in ("", "a", "3,3", "-1", "2-"):
+    for bad in ("", "a", "3,3", "-1", "2-", "3-1"):
         with pytest.raises(ValueError, match="seeds"):
             generate.parse_seeds(bad)
     assert generate.parse_reward("classifier:bag") == ("classifier", "bag")
-    for bad in ("loss", "aesthetic", "jpeg:9"):
+    assert generate.parse_reward("jpeg") == ("jpeg-small", None)  # the old name, with a note on stderr
+    for bad in ("loss", "aesthetic", "jpeg-small:9"):
         with pytest.raises(ValueError, match="reward"):
             generate.parse_reward(bad)
-    with pytest.raises(ValueError, match="prompts file"):
+    with pytest.raises(ValueError, match="--prompts.*does not exist"):
         generate.read_prompts(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="--K"):
-        generate.main(["--prompt", "dark", "--out", str(tmp_path / "o"), *ARGS, "--K", "0"])
-    with pytest.raises(ValueError, match="unknown prompt"):
-        generate.main(["--prompt", "purple", "--out", str(tmp_path / "o2"), *ARGS])
+    for args, words in ([["--K", "0"], "argument --K"], [["--prompt", "purple"], "purple"]):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--prompt", "dark", "--out", str(tmp_path / "o"), *ARGS, *args])
+        assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 class BrightnessJudge(http.server.BaseHTTPRequestHandler):

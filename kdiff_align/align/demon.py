@@ -29,7 +29,7 @@ from tqdm.auto import trange
 from .. import sampling, schedules
 from ..cond import batched_call
 from ..rewards import check_rewards
-from ..utils import as_sigma, check_finite, check_sigmas, randn_like
+from ..utils import as_sigma, check_finite, check_generator, check_sigmas, randn_like
 
 DEMON_TYPES = ("tanh", "boltzmann", "optimal")
 R_OF_C = ("consistency", "baseline")
@@ -269,6 +269,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
     """
     sampling.check_method(method)
     _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
+    check_generator(generator, x.shape[0])
     extra_args = extra_args or {}
     counts = dict.fromkeys(("network_calls", "network_rows", "consistency_calls", "consistency_rows"), 0)
     net = _counted(model, counts, "network", max_batch)
@@ -488,6 +489,7 @@ class DemonGenerator(abc.ABC):
         config = self.config(prompt)
         self.runs += 1
         _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        _atomic(folder / "INCOMPLETE", lambda tmp: tmp.write_text("this run stopped before it finished\n"))
         pipe, guided = self.pipeline, self.pipeline.guided(condition)
         sigmas = self.sigmas()
         generator = torch.Generator(pipe.device).manual_seed(config["run_seed"])
@@ -546,6 +548,7 @@ class DemonGenerator(abc.ABC):
                   "nfe": info["nfe"], "grid": [float(sigmas[0]), float(sigmas[-2])], "cost": self.cost(),
                   "seconds": float(info["seconds"].sum())}
         _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        (folder / "INCOMPLETE").unlink(missing_ok=True)
         return {**result, "directory": folder, "plain": pils[0], "demon": pils[1], "info": info}
 
 
@@ -566,72 +569,118 @@ class RewardDemon(DemonGenerator):
         return self.reward(self.pipeline.from_pil_to_latent(pils)).tolist()
 
 
-def cli_rewards(pipe, name: str, class_name: str | None = None) -> Callable[[Tensor], Tensor]:
-    """The command line's rewards on latents: brightness, contrast, jpeg, jpeg-size, classifier (toy models)."""
-    from .. import rewards
-    decode = pipe.decode
-    if name == "brightness":
-        return lambda x0: rewards.brightness(decode(x0).clamp(-1, 1))
-    if name == "contrast":
-        return lambda x0: rewards.contrast(decode(x0).clamp(-1, 1))
-    if name == "jpeg":
-        return rewards.jpeg_compressibility(decode)
-    if name == "jpeg-size":
-        return rewards.jpeg_incompressibility(decode)
-    if name == "classifier":
-        if not hasattr(pipe, "classifier"):
-            raise ValueError("--reward classifier needs a shipped toy model (--model toy)")
-        from .. import toy
-        return toy.classifier_reward(pipe, class_name)
-    raise ValueError(f"reward must be one of brightness, contrast, jpeg, jpeg-size, classifier; got {name!r}")
+def cli_beta(beta, sigmas: Tensor, ode_after: float | None) -> float:
+    """The command line's β: a number as given, or ``"auto"`` = min(0.1, 1/largest Δσ of the Demon steps).
+
+    ``auto`` keeps β·|Δσ| ≤ 1 on every Demon step, where the Heun β-SDE step is accurate (``_warn_coarse``).
+    """
+    if beta != "auto":
+        return float(beta)
+    steps = demon_steps(sigmas, ode_after)
+    if steps == 0:
+        return 0.1
+    largest = float((sigmas[:steps] - sigmas[1:steps + 1]).max())
+    return min(0.1, math.nextafter(1 / largest, 0.0))  # rounded down: β·Δσ never exceeds 1 by an ulp
 
 
 def add_cli(sub) -> None:
-    """``kdiff-align demon --model PATH|toy --prompt ... --reward ...``: one plain and one Demon image."""
-    p = sub.add_parser("demon", help="Sampling Demon on a local diffusers folder or a shipped toy model")
-    p.add_argument("--model", required=True, help="a local diffusers folder, or toy / toy:NAME (fashion, digits, ...)")
+    """``kdiff-align demon``: a plain and a Demon image of one prompt, side by side, with the reward per step."""
+    from .. import cliargs
+    p = cliargs.subparser(sub, "demon", help="Sampling Demon on a shipped toy model or a local diffusers folder",
+                          description=CLI_DESCRIPTION)
+    cliargs.add_model_argument(p)
     p.add_argument("--prompt", required=True, help="the prompt (a class name for the toy models)")
-    p.add_argument("--reward", default="brightness",
-                   choices=["brightness", "contrast", "jpeg", "jpeg-size", "classifier"])
-    p.add_argument("--reward-class", default=None,
-                   help="class whose logit is the classifier reward (default: the prompt)")
-    p.add_argument("--K", type=int, default=16)
-    p.add_argument("--T", type=int, default=64)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--tau", default="adaptive", help="'adaptive' or a positive number")
-    p.add_argument("--demon-type", default="tanh", choices=DEMON_TYPES)
-    p.add_argument("--r-of-c", default="consistency", choices=R_OF_C)
-    p.add_argument("--c-steps", type=int, default=20)
-    p.add_argument("--ode-after", type=float, default=0.11)
+    cliargs.add_reward_arguments(p)
+    p.add_argument("--reward-class", default=None, help="deprecated: use --reward classifier:CLASS")
+    cliargs.add_steps_argument(p)
+    cliargs.add_demon_arguments(p)
     p.add_argument("--sampler", default="heun", choices=sampling.METHODS,
                    help="PF-ODE method of the plain image, the tail after --ode-after and the baseline rollouts")
-    p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="experiments/demon", help="experiment directory (a fresh run folder inside)")
+    p.add_argument("--cfg", type=cliargs.float_in(), default=3.0, help="classifier-free guidance weight")
+    p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the initial noise and of the candidates")
+    p.add_argument("--out", type=cliargs.out_dir, default="experiments/demon",
+                   help="experiment directory (each run makes a fresh folder inside)")
     p.add_argument("--save-pils", action="store_true", help="save every candidate's look-ahead image")
-    p.add_argument("--max-batch", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--fp16", action="store_true", help="run the networks in float16 (diffusers folders)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cli_main)
+    p.add_argument("--max-batch", type=cliargs.positive_int, default=None, help="the most rows per network call")
+    p.add_argument("--device", type=cliargs.device, default=None, help="cuda when available, else cpu")
+    p.add_argument("--fp16", action="store_true", help="run diffusers networks in float16")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cli_main, interrupted=cli_interrupted)
+
+
+CLI_DESCRIPTION = """Sampling Demon on one prompt: a plain PF-ODE image and a Demon image from the same noise.
+
+Writes a fresh folder under --out with comparison.png (plain vs Demon, side by side, with their
+rewards), rewards.png (the K candidates' reward, mean and std, at every Demon step, named by reward
+and class), plain_ode.png, demon.png, rewards.csv, result.json and config.json. A run that stops
+early leaves its folder marked by an INCOMPLETE file.
+
+    kdiff-align demon --model toy:fashion --prompt sneaker --reward classifier:sandal --K 8
+"""
+
+
+def cli_reward(args) -> str:
+    """``--reward`` with the deprecated ``--reward-class CLASS`` folded in (``classifier:CLASS``)."""
+    from .. import cliargs
+    if args.reward_class is None:
+        return args.reward
+    cliargs.deprecated("--reward-class CLASS", "--reward classifier:CLASS")
+    if args.reward != "classifier":
+        raise ValueError(f"--reward-class needs --reward classifier, got --reward {args.reward}")
+    return f"classifier:{args.reward_class}"
+
+
+def cli_interrupted(args) -> str:
+    return (f"the unfinished run folder under {args.out} is marked by an INCOMPLETE file; rerun the command "
+            "for a fresh run")
 
 
 def cli_main(args) -> int:
-    """Run ``kdiff-align demon``: load the model, build the reward, generate, print the two rewards."""
-    if args.model == "toy" or args.model.startswith("toy:"):
-        from .. import toy
-        pipe = toy.load(args.model.partition(":")[2] or "fashion", device=args.device or "cpu")
-    else:
-        from ..pipeline import from_pretrained
-        pipe = from_pretrained(args.model, torch_dtype=torch.float16 if args.fp16 else None, device=args.device)
-    tau = args.tau if args.tau == "adaptive" else float(args.tau)
-    reward = cli_rewards(pipe, args.reward, args.reward_class or args.prompt)
-    gen = RewardDemon(reward, cfg=args.cfg, beta=args.beta, tau=tau, K=args.K, T=args.T, demon_type=args.demon_type,
-                      r_of_c=args.r_of_c, c_steps=args.c_steps, ode_after=args.ode_after, seed=args.seed,
-                      save_pils=args.save_pils, ylabel=f"{args.reward} reward", experiment_directory=args.out,
-                      pipeline=pipe, max_batch=args.max_batch, disable=args.no_progress or None, method=args.sampler)
+    """Run ``kdiff-align demon``: check, load the model, generate, write the comparison and the reward plot."""
+    from .. import cliargs
+    from ..generate import RewardFactory, load_model, reward_label  # the shared model and reward vocabulary
+    spec = cli_reward(args)
+    if args.steps < 2:
+        raise ValueError(f"--steps: demon needs >= 2 steps (Demon steps, then the step to 0), got {args.steps}")
+    cliargs.check_reward_options(spec, args.model, args)
+    cliargs.check_prompts([args.prompt], args.model)
+    kind, arg = cliargs.reward_kind(spec)
+    if kind == "classifier":
+        cliargs.check_prompts([arg or args.prompt], args.model, "--reward classifier")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_model(args.model, device, torch.float16 if args.fp16 else None)
+    reward, label = RewardFactory(spec, pipe, args)(args.prompt), reward_label(spec, args.prompt)
+    beta = cli_beta(args.beta, pipe.sigmas(args.steps), args.ode_after)
+    gen = RewardDemon(reward, cfg=args.cfg, beta=beta, tau=args.tau, K=args.K, T=args.steps,
+                      demon_type=args.demon_type, r_of_c=args.r_of_c, c_steps=args.c_steps, ode_after=args.ode_after,
+                      seed=args.seed, save_pils=args.save_pils, ylabel=label, experiment_directory=args.out,
+                      pipeline=pipe, max_batch=args.max_batch, disable=args.no_progress or None,
+                      method=args.sampler)
     out = gen.generate(args.prompt)
-    print(f"{args.reward} reward: plain ODE {out['plain_reward']:.4f}, Demon {out['demon_reward']:.4f} "
+    title = f"{args.prompt!r}: Demon ({args.demon_type}, K={args.K}, {args.steps} steps, beta={beta:.3g})"
+    plot_rewards(out["info"], out["directory"] / "rewards.png", label, f"{title}\nreward: {label}")
+    save_comparison(out, out["directory"] / "comparison.png", label, title)
+    print(f"{label}: plain ODE {out['plain_reward']:.4f}, Demon {out['demon_reward']:.4f} "
           f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, {out['seconds']:.1f} s)")
-    print(f"wrote {out['directory']}")
+    print(f"wrote {out['directory']} (comparison.png, rewards.png, ...)")
     return 0
+
+
+def save_comparison(out: dict, path: Path, label: str, title: str) -> Path:
+    """The plain PF-ODE image and the Demon image side by side, each titled with its reward."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.6))
+    for ax, name, key in zip(axes, ("plain PF-ODE", "Demon"), ("plain", "demon")):
+        image = out[key]
+        ax.imshow(image, cmap="gray" if image.mode == "L" else None, interpolation="nearest")
+        ax.set_title(f"{name}\n{label} = {out[key + '_reward']:.3f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{title}; same initial noise", fontsize=9)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
