@@ -20,7 +20,7 @@ from kdiff_align.demo import unconditional
 torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines
 pipe = toy.load("fashion")
 model = unconditional(pipe)
-x_true = toy.load_fashion_mnist("test")[0][:6]  # ground truth, only used to build the observations
+x_true = toy.load_fashion_mnist("eval")[0][:6]  # ground truth, only used to build the observations
 sigmas = pipe.sigmas(10, start_t=20.0)
 x_T = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(0)) * sigmas[0]
 
