@@ -3,11 +3,13 @@
 At each step σ → σ' of the Karras β-SDE (``sampling.sde_step(beta=...)``) Demon draws K noises z_k,
 takes the Heun step with each, looks every candidate ahead to x̂₀ (the denoiser's own Tweedie
 estimate, a supplied consistency model, or a PF-ODE rollout), scores the look-aheads with the reward
-and takes the real step with z* = √N·Σ b_k z_k / ‖Σ b_k z_k‖, b_k the reward weights. Formulas and
-the reference code's defects are in ``reference/demon.md``. Unlike the reference, τ is recomputed at
-every step with a floor and a uniform fallback (B1, B2), ``optimal`` is centred (B3), the sampler ends
-at σ = 0 (B6), runs B items × K candidates per network call (B9), draws from ``generator=`` only
-(B10), works with K = 1 and never reuses a run folder (B11), and reuses D(x, σ) for the chosen step (P1).
+and takes the real step with z* = √N·Σ b_k z_k / ‖Σ b_k z_k‖, b_k the reward weights. Unlike the
+authors' code: the adaptive τ is recomputed at every step (theirs freezes after the first), with a floor
+and uniform weights when the rewards have no spread (theirs divides by a zero or NaN τ); ``optimal``
+weights are centred rewards (theirs uses raw ones); the sampler ends at σ = 0 instead of decoding the
+σ_min latent; B items × K candidates go through one network call (theirs runs batch 1); all noise comes
+from ``generator=`` (no global RNG); K = 1 works and a run folder is never reused; and D(x, σ) of the
+chosen step is reused instead of recomputed (one network evaluation saved per step).
 """
 from __future__ import annotations
 

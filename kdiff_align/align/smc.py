@@ -6,7 +6,7 @@ plain (``proposal="prior"``, gradient-free FK) or with the reward-gradient drift
 (``proposal="guided"``, DAS/TDS). Potentials are evaluated on r(D(x, σ_i)) with tempering λ_i; the
 last step always weighs by the exact r(x₀)/α, so the target holds whatever the schedule. Log-weights
 live in float64 per group ``[B, N]``, and every per-particle cache is re-indexed on resampling (the
-DAS reference code forgets the twist, which biases it). Formulas: ``reference/smc.md`` §5.
+DAS reference code forgets the twist, which biases it). ``docs/smc.md`` states the algorithm.
 """
 from __future__ import annotations
 
