@@ -3,9 +3,11 @@
     python bench/run_all.py                       # all scripts present
     python bench/run_all.py --only overhead smc   # a subset
     python bench/run_all.py --markdown            # the table as markdown (for bench/README.md)
+    python bench/run_all.py --quick               # a couple of minutes: the ``QUICK`` sizes, no overhead.py
 
 Each script runs in its own process with the small-size arguments in ``SMALL`` (scripts not listed
-there run without arguments; ``gpu_*.py`` scripts run their CPU check). A missing, failing or
+there run without arguments; ``gpu_*.py`` scripts run their CPU check); ``--quick`` uses ``QUICK``
+instead, where a script mapped to ``None`` is skipped (reported as such). A missing, failing or
 timed-out script is reported in the table and does not stop the others. Ratios are read from each
 script's output: every ``label: number`` or ``label = number`` whose label holds ``/``, ``÷`` or
 "ratio", with the last header line above it (``[1] ...``, ``== ...``) as its context.
@@ -28,14 +30,19 @@ SMALL = {  # script → arguments for a small CPU run (written into a temporary 
     "demon": ["--quick", "--out", "{tmp}/demon"],
     "smc": ["--quick"],
     "newton": ["--steps", "5"],
-    "quality": ["--n", "5", "--models", "fashion", "--no-write"],
+    "quality": ["--n", "5", "--models", "fashion", "--no-write", "--data", "eval"],  # the shipped slice
     "reward_nfe": ["--quick", "--no-write"],
     "gpu_sd": ["--device", "cpu", "--tiny", "--steps", "5", "--repeats", "1", "--rounds", "1"],
     "solvers": ["--n", "64", "--out", "{tmp}/solvers"],
 }
+QUICK = {**SMALL,  # a check that every script runs, in about two minutes on one core
+         "overhead": None,  # no small form: ~6 min at one thread
+         "newton": ["--steps", "3", "--skip-toy"],
+         "quality": ["--n", "2", "--models", "fashion", "--no-write", "--data", "eval"]}
 VALUE = re.compile(r"[:=]\s*([-+]?\d+(?:\.\d+)?)(?![\d.]*\s*(?:s\b|ms\b|MiB\b|%))")
 TARGET = re.compile(r"\(target\s*([<>≤≥]=?\s*[-+]?\d+(?:\.\d+)?)\)")
 HEADER = re.compile(r"^\s*(\[[\w ]+\]|==|#)")
+OK = ("ok", "missing", "skipped (--quick)")
 
 
 def scripts(only=None) -> list[str]:
@@ -66,12 +73,14 @@ def parse_ratios(output: str) -> list[tuple[str, str, float, str]]:
     return found
 
 
-def run_script(name: str, tmp: str, timeout: float) -> tuple[str, float, str]:
-    """(status, seconds, output) of one benchmark run in a child process."""
+def run_script(name: str, tmp: str, timeout: float, sizes: dict = SMALL) -> tuple[str, float, str]:
+    """(status, seconds, output) of one benchmark run in a child process, with its arguments in ``sizes``."""
     path = BENCH / f"{name}.py"
     if not path.is_file():
         return "missing", 0.0, ""
-    args = [a.format(tmp=tmp) for a in SMALL.get(name, [])]
+    if name in sizes and sizes[name] is None:
+        return "skipped (--quick)", 0.0, ""
+    args = [a.format(tmp=tmp) for a in sizes.get(name, [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(BENCH), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}  # see bench/README.md (overhead.py)
@@ -117,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="benchmark names (file stems) to run")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per script")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (QUICK); skips overhead.py")
     parser.add_argument("--verbose", action="store_true", help="also print each script's output")
     args = parser.parse_args(argv)
     names = scripts(args.only)
@@ -124,13 +134,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="kdiff_bench_") as tmp:
         for name in names:
             print(f"running bench/{name}.py ...", file=sys.stderr, flush=True)
-            status, seconds, output = run_script(name, tmp, args.timeout)
-            if args.verbose or status not in ("ok", "missing"):
+            status, seconds, output = run_script(name, tmp, args.timeout, QUICK if args.quick else SMALL)
+            if args.verbose or status not in OK:
                 print(f"--- {name}: {status}\n{output[-3000:]}", file=sys.stderr)
             results.append((name, status, seconds, parse_ratios(output)))
     print(f"Benchmarks, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(table(results, args.markdown))
-    return 0 if all(s in ("ok", "missing") for _, s, _, _ in results) else 1
+    return 0 if all(s in OK for _, s, _, _ in results) else 1
 
 
 if __name__ == "__main__":

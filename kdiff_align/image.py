@@ -1,6 +1,8 @@
-"""Pixel and latent ↔ PIL converters, batched, lists in and out (no batch-1 asserts)."""
+"""Pixel and latent ↔ PIL converters, batched, lists in and out (no batch-1 asserts); notebook figures."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -80,3 +82,32 @@ def get_init_latent(batch: int, shape: Sequence[int], sigma_max: float, generato
         raise ValueError(f"batch must be >= 1, got {batch}")
     template = torch.empty(batch, *shape, dtype=dtype, device=device)
     return randn_like(template, generator) * sigma_max
+
+
+def figure_dir() -> Path:
+    """Where notebooks save figures: ``$KDIFF_NOTEBOOK_OUT``, else ``notebooks/out`` from the repository root
+    (``out`` elsewhere, e.g. Jupyter started in ``notebooks/``); both are ignored by git."""
+    if os.environ.get("KDIFF_NOTEBOOK_OUT"):
+        return Path(os.environ["KDIFF_NOTEBOOK_OUT"])
+    return Path("notebooks/out") if Path("notebooks").is_dir() else Path("out")
+
+
+def save_figure(fig, name: str, folder: str | os.PathLike | None = None) -> Path:
+    """Save a matplotlib figure as ``folder/name`` (default ``figure_dir()``), show it inline when run in a
+    Jupyter kernel, close it, and print where it went."""
+    import matplotlib.pyplot as plt
+    path = Path(folder) if folder is not None else figure_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    path = path / name
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    try:
+        from IPython import get_ipython
+        in_kernel = getattr(get_ipython(), "kernel", None) is not None
+    except ImportError:
+        in_kernel = False
+    if in_kernel:
+        from IPython.display import display
+        display(fig)
+    plt.close(fig)  # else Jupyter's inline backend would show it a second time
+    print(f"figure saved to {path}")
+    return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,15 +18,41 @@ from torch import Tensor
 from .image import from_pil, to_pil
 
 
-def check_rewards(values, batch: int, name: str = "reward") -> Tensor:
-    """Turn reward output into a finite float ``[B]`` tensor, or fail naming what was wrong."""
-    r = torch.as_tensor(values, dtype=torch.float64).reshape(-1) if not isinstance(values, Tensor) \
-        else values.detach().to(torch.float64).reshape(-1)
-    if r.shape[0] != batch:
-        raise ValueError(f"{name} returned {r.shape[0]} values for a batch of {batch}")
-    if not torch.isfinite(r).all():
-        raise ValueError(f"{name} returned non-finite values at indices {torch.nonzero(~torch.isfinite(r)).flatten().tolist()}")
-    return r
+def check_rewards(values, batch: int, name: str = "reward", *, per_item: int = 1, terms: str | None = None,
+                  keep_graph: bool = False) -> Tensor:
+    """The reward contract of every method: one real value per row, a ``Tensor[batch·per_item]``.
+
+    NaN and +inf fail; −inf is allowed and marks a rejected sample (zero weight in SMC, the lowest weight in
+    Demon, never picked by best-of-N unless every candidate is rejected). Lists, ``[rows, 1]`` and other
+    shapes fail with a message in the caller's terms.
+
+    Args:
+        batch: the user's batch size B (images, prompts or groups).
+        per_item: rows per batch item (Demon's K candidates, SMC's N particles); rows = batch·per_item.
+        terms: how the rows read to the user, e.g. ``"2 images x 4 candidates"`` (default ``"a batch of B"``).
+        keep_graph: return the tensor itself (autograd graph kept) instead of a detached float64 copy.
+    """
+    rows = batch * per_item
+    terms = terms or f"a batch of {rows}"
+    expected = f"a torch.Tensor of shape [{rows}] (one value per row: {terms})"
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must return {expected}, got {type(values).__name__}")
+    if values.shape != (rows,):
+        hint = "; drop the trailing dimension (e.g. .squeeze(-1))" if values.numel() == rows else ""
+        raise ValueError(f"{name} returned {values.numel()} values of shape {tuple(values.shape)} for {terms}; "
+                         f"expected shape [{rows}]{hint}")
+    if values.is_complex():
+        raise TypeError(f"{name} must return real numbers, got dtype {values.dtype}")
+    bad = torch.isnan(values) | (values == math.inf)
+    if bad.any():
+        raise ValueError(f"{name} returned NaN or +inf for {terms} at rows {torch.nonzero(bad).flatten().tolist()[:10]}"
+                         " (-inf is allowed: it rejects a sample)")
+    return values if keep_graph else values.detach().to(torch.float64)
+
+
+def check_reward_tensor(r: Tensor, batch: int, name: str = "reward") -> Tensor:
+    """``check_rewards`` keeping the autograd graph (for differentiable rewards)."""
+    return check_rewards(r, batch, name, keep_graph=True)
 
 
 def pil_reward(fn: Callable[[list[Image.Image]], Sequence[float]], decode: Callable | None = None) -> Callable:
@@ -34,7 +61,9 @@ def pil_reward(fn: Callable[[list[Image.Image]], Sequence[float]], decode: Calla
     def reward(x0: Tensor) -> Tensor:
         with torch.no_grad():
             images = to_pil((decode(x0) if decode is not None else x0).clamp(-1, 1))
-        return check_rewards(fn(images), x0.shape[0], getattr(fn, "__name__", "reward")).to(x0.device)
+        values = torch.as_tensor(fn(images), dtype=torch.float64)  # fn gives one float per PIL image
+        return check_rewards(values, x0.shape[0], getattr(fn, "__name__", "reward"), terms=f"{len(images)} images")\
+            .to(x0.device)
 
     return reward
 
@@ -81,15 +110,6 @@ def _side(value, default: int) -> int:
     if isinstance(value, dict):
         return int(value.get("shortest_edge") or value.get("height") or default)
     return int(value or default)
-
-
-def check_reward_tensor(r: Tensor, batch: int, name: str = "reward") -> Tensor:
-    """Like ``check_rewards`` but keeps the autograd graph (for differentiable rewards)."""
-    if r.shape != (batch,):
-        raise ValueError(f"{name} returned shape {tuple(r.shape)} for a batch of {batch}, expected ({batch},)")
-    if not torch.isfinite(r).all():
-        raise ValueError(f"{name} returned non-finite values at indices {torch.nonzero(~torch.isfinite(r)).flatten().tolist()}")
-    return r
 
 
 class CLIPScorer(torch.nn.Module):

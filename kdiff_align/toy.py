@@ -18,11 +18,13 @@ Interface:
 - ``classifier_reward(pipe, class_name) -> reward(x0) -> Tensor[B]``: the classifier's logit (or
   log-probability) of that class, differentiable, decoding latents with ``pipe.decode`` first.
 - ``load_digits_data(split)`` and ``load_fashion_mnist(split)`` return ``(images [N, 1, H, W] in [-1, 1],
-  labels [N])``; Fashion-MNIST is read from the IDX files of the Debian package
-  ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, or ``$KDIFF_FASHION_MNIST``).
+  labels [N])``. Split ``"eval"`` of Fashion-MNIST is the shipped slice of 3,000 test images
+  (``kdiff_align/data/``, no data set needed); ``"train"`` and ``"test"`` read the full IDX files of the
+  Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, or
+  ``$KDIFF_FASHION_MNIST``).
 
-Weights are safetensors files under ``kdiff_align/weights/``, read by a small built-in reader so the
-package needs no extra dependency; the network configuration is in each file's metadata.
+Weights are safetensors files under ``kdiff_align/weights/``, read with the ``safetensors`` library; the
+network configuration is in each file's metadata.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from safetensors import safe_open
 from torch.nn import functional as F
 
 from .external import KarrasDenoiser
@@ -104,9 +107,12 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
 
 def load_digits_data(split: str = "train") -> tuple[Tensor, Tensor]:
-    """scikit-learn's 8×8 digits ``(images [N, 1, 8, 8] in [-1, 1], labels [N])``; the last 297 are "test"."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    """scikit-learn's 8×8 digits ``(images [N, 1, 8, 8] in [-1, 1], labels [N])``; the last 297 are "test".
+
+    ``"eval"`` is the same as ``"test"`` (scikit-learn ships the whole set, so no slice is needed).
+    """
+    if split not in ("train", "test", "eval"):
+        raise ValueError(f"split must be 'train', 'test' or 'eval', got {split!r}")
     from sklearn.datasets import load_digits
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 8 - 1)[:, None]
@@ -116,7 +122,7 @@ def load_digits_data(split: str = "train") -> tuple[Tensor, Tensor]:
 
 
 def load_data(name: str, split: str = "train") -> tuple[Tensor, Tensor]:
-    """Images and labels of data set ``name`` ("digits" or "fashion")."""
+    """Images and labels of data set ``name`` ("digits" or "fashion"); ``split`` is "train", "test" or "eval"."""
     if name == "digits":
         return load_digits_data(split)
     if name == "fashion":
@@ -243,24 +249,10 @@ class VAE(nn.Module):
 
 # ------------------------------------------------------------------------------------------- weights
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-
-
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file (the format is an 8-byte length, a JSON header, raw data)."""
-    data = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    metadata = header.pop("__metadata__", {}) or {}
-    tensors = {}
-    for key, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        raw = bytearray(data[8 + n + start:8 + n + end])
-        tensors[key] = torch.frombuffer(raw, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"]) if raw else \
-            torch.zeros(info["shape"], dtype=_DTYPES[info["dtype"]])
-    return tensors, metadata
+    """Tensors and metadata of a safetensors file, read with the ``safetensors`` library."""
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
 
 
 def load_module(cls, filename: str, device="cpu") -> nn.Module:

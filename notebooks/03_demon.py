@@ -17,6 +17,7 @@ import kdiff_align as ka
 from kdiff_align import rewards, toy
 from kdiff_align.align.demon import sample_demon
 from kdiff_align.demo import unconditional
+from kdiff_align.image import save_figure
 
 torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines
 pipe = toy.load("fashion")
@@ -63,14 +64,14 @@ for ax, (name, runs) in zip(axes, results.items()):
     ax.invert_xaxis()
     ax.legend(fontsize=8)
 fig.tight_layout()
-plt.show()
+save_figure(fig, "03_demon_reward_per_step.png")
 
 # %% [markdown]
 # ## Chosen images vs plain samples from the same noise
 # Each row is one sampler, each column one initial noise; the title is the image's reward.
 
 # %%
-for name, runs in results.items():
+for k, (name, runs) in enumerate(results.items()):
     fig, axes = plt.subplots(len(runs), x_T.shape[0], figsize=(1.4 * x_T.shape[0], 1.6 * len(runs)))
     for row, (label, (x0, r, _)) in zip(axes, runs.items()):
         for j, ax in enumerate(row):
@@ -80,7 +81,7 @@ for name, runs in results.items():
         row[0].set_ylabel(label, fontsize=8)
     fig.suptitle(f"reward: {name}", fontsize=10)
     fig.tight_layout()
-    plt.show()
+    save_figure(fig, f"03_demon_samples_{k}.png")
 
 # %% [markdown]
 # ## What we see

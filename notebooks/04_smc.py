@@ -19,6 +19,7 @@ import torch
 
 import kdiff_align as ka
 from kdiff_align.align import smc
+from kdiff_align.image import save_figure
 from kdiff_align.testing import GaussianDenoiser
 
 torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines
@@ -93,7 +94,7 @@ for j, ax in enumerate(axes):
     ax.set(xlabel=f"x[{j}]", ylabel="density", title=f"coordinate {j}, α = {alpha}")
     ax.legend(fontsize=8)
 fig.tight_layout()
-plt.show()
+save_figure(fig, "04_smc_tilted_marginals.png")
 
 # %% [markdown]
 # ## ESS and λ traces
@@ -118,7 +119,7 @@ axes[1].plot([], [], color="C2", label="adaptive (10 runs)")
 axes[1].set(xlabel="step", ylabel="λ", title="tempering")
 axes[1].legend(fontsize=8)
 fig.tight_layout()
-plt.show()
+save_figure(fig, "04_smc_ess_lambda.png")
 dz = adaptive.log_Z - log_z
 print(f"adaptive FK: final ESS {adaptive.ess[-1].mean():.1f}, "
       f"resamplings {adaptive.resampled.sum(0).float().mean():.2f}, logẐ − logZ {dz.mean():.4f} ± {dz.std():.3f}")
@@ -136,7 +137,7 @@ ax.axvline(log_z, color="k", label="exact log Z")
 ax.set(xlabel="log Ẑ", ylabel="runs")
 ax.legend(fontsize=8)
 fig.tight_layout()
-plt.show()
+save_figure(fig, "04_smc_log_z.png")
 
 # %% [markdown]
 # ## What we see

@@ -16,16 +16,17 @@ import kdiff_align as ka
 from kdiff_align import toy
 from kdiff_align.align.newton import Downsample, Mask, linear_residual, newton_step, sample_constrained
 from kdiff_align.demo import unconditional
+from kdiff_align.image import save_figure
 
 torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines
 pipe = toy.load("fashion")
 model = unconditional(pipe)
-x_true = toy.load_fashion_mnist("test")[0][:6]  # ground truth, only used to build the observations
+x_true = toy.load_fashion_mnist("eval")[0][:6]  # ground truth, only used to build the observations
 sigmas = pipe.sigmas(10, start_t=20.0)
 x_T = torch.randn(x_true.shape, generator=torch.Generator().manual_seed(0)) * sigmas[0]
 
 
-def show_rows(rows: dict, title: str):
+def show_rows(rows: dict, title: str, name: str):
     """One row of images per entry, one column per test image."""
     fig, axes = plt.subplots(len(rows), x_true.shape[0], figsize=(1.4 * x_true.shape[0], 1.5 * len(rows)))
     for ax_row, (label, x) in zip(axes, rows.items()):
@@ -35,7 +36,7 @@ def show_rows(rows: dict, title: str):
         ax_row[0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    plt.show()
+    save_figure(fig, name)
 
 
 # %% [markdown]
@@ -56,7 +57,7 @@ print(f"network calls {info['nfe']}; RMS error on known pixels: plain "
       f"{(mask * (plain - x_true)).square().sum().div(mask.sum() * 6).sqrt():.3f}, "
       f"Newton {(mask * (inpainted - x_true)).square().sum().div(mask.sum() * 6).sqrt():.3f}")
 show_rows({"truth": x_true, "observation": observed, "Newton": inpainted, "plain ODE": plain},
-          "inpainting the central square")
+          "inpainting the central square", "05_newton_inpainting.png")
 
 # %% [markdown]
 # ## 4× super-resolution
@@ -73,7 +74,7 @@ print(f"RMS of A x̂₀ − y: plain {(down(plain) - y_low).square().mean().sqrt
       f"Newton {(upscaled - x_true).square().mean().sqrt():.3f}")
 show_rows({"truth": x_true, "7×7 input": F.interpolate(y_low, scale_factor=4, mode="nearest"),
            "bicubic": F.interpolate(y_low, scale_factor=4, mode="bicubic"), "Newton": upscaled},
-          "4× super-resolution")
+          "4× super-resolution", "05_newton_super_resolution.png")
 
 # %% [markdown]
 # ## Inexact Newton vs gradient vs exact Newton
@@ -110,7 +111,7 @@ for ax, sigma in zip(axes, (2.0, 0.5)):
     ax.set(yscale="log", xlabel="iteration", ylabel="RMS residual (mean over 8 images)", title=f"σ = {sigma}")
     ax.legend(fontsize=8)
 fig.tight_layout()
-plt.show()
+save_figure(fig, "05_newton_residuals.png")
 
 # %% [markdown]
 # ## What we see

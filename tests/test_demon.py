@@ -229,8 +229,8 @@ def test_callback_sees_rewards_weights_and_per_step_tau():
 
 
 @pytest.mark.parametrize("bad,error,match", [
-    (lambda x0: torch.full((x0.shape[0],), float("nan")), ValueError, "non-finite"),
-    (lambda x0: torch.zeros(x0.shape[0] - 1), ValueError, "values for a batch"),
+    (lambda x0: torch.full((x0.shape[0],), float("nan")), ValueError, r"NaN or \+inf for 2 images x 3 candidates"),
+    (lambda x0: torch.zeros(x0.shape[0] - 1), ValueError, "returned 5 values of shape \\(5,\\) for 2 images x 3"),
     (lambda x0: 1 / 0, ZeroDivisionError, "division"),
 ])
 def test_bad_rewards_fail_clearly_and_leave_the_input_alone(bad, error, match):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import save_file
 
 from kdiff_align import toy
 from kdiff_align.pipeline import Pipeline
@@ -49,13 +49,32 @@ def test_missing_fashion_files_name_the_path(tmp_path, monkeypatch):
         toy.load_fashion_mnist("valid")
 
 
-def test_fashion_mnist_loader():
-    x, y = toy.load_fashion_mnist("test")
-    assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (10000,)
+def test_fashion_mnist_loader_reads_idx_files(tmp_path):
+    """"train"/"test" read the IDX pair of the folder given (synthetic files here: no data set needed)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, size=(12, 28, 28)), np.arange(12) % 10
+    images[0, 0, 0], images[0, 0, 1] = 0, 255
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images, compress=True)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels, compress=True)
+    for split in ("train", "test"):
+        x, y = toy.load_fashion_mnist(split, root=tmp_path)
+        assert x.shape == (12, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert x.min() == -1 and x.max() == 1  # bytes 0..255 map onto [-1, 1]
+        torch.testing.assert_close(x[:, 0], torch.from_numpy(images).float() / 127.5 - 1)
+        assert y.tolist() == labels.tolist()
+
+
+def test_fashion_mnist_eval_slice():
+    """The shipped slice: 300 test images per class, in test-set order, under 5 MB."""
+    x, y = toy.load_fashion_mnist("eval")
+    assert x.shape == (3000, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (3000,)
     assert x.min() == -1 and x.max() == 1
-    assert torch.bincount(y).tolist() == [1000] * 10  # the test split is balanced
-    x_train, y_train = toy.load_fashion_mnist("train")
-    assert x_train.shape == (60000, 1, 28, 28) and torch.bincount(y_train).tolist() == [6000] * 10
+    assert torch.bincount(y).tolist() == [300] * 10
+    index = np.load(toy.FASHION_EVAL_SLICE)["test_index"]
+    assert (np.diff(index) > 0).all() and index.max() < 10000  # distinct rows of the 10,000-image test set
+    assert toy.FASHION_EVAL_SLICE.stat().st_size < 5e6
+    assert (toy.FASHION_EVAL_SLICE.parent / "README.md").read_text().count("MIT") >= 1
 
 
 def test_digits_loader():
@@ -68,17 +87,22 @@ def test_digits_loader():
 
 
 def test_weights_sizes_and_reader():
+    """Every shipped file is read with its network configuration in the metadata and fits its module."""
     files = sorted(toy.WEIGHTS_DIR.glob("*.safetensors"))
     expected = {f for v in toy.MODELS.values() for f in v[:3] if f}
     assert {f.name for f in files} == expected
     assert sum(f.stat().st_size for f in files) <= 20e6
     for f in files:
         tensors, metadata = toy.read_safetensors(f)
-        reference = load_file(f)
-        assert tensors.keys() == reference.keys()
-        assert all(torch.equal(tensors[k], reference[k]) for k in tensors)
-        with safe_open(f, "pt") as handle:
-            assert metadata == handle.metadata()
+        assert "config" in metadata and tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_read_safetensors_keeps_tensors_and_metadata(tmp_path):
+    tensors = {"w": torch.randn(3, 4), "n": torch.arange(5), "h": torch.randn(2).half()}
+    save_file(tensors, tmp_path / "a.safetensors", metadata={"config": '{"width": 8}'})
+    read, metadata = toy.read_safetensors(tmp_path / "a.safetensors")
+    assert metadata == {"config": '{"width": 8}'}
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -113,18 +137,19 @@ def test_unknown_prompt_is_rejected(pipe):
 
 def test_classifier_accuracy(pipe):
     data = "digits" if pipe.class_names == toy.DIGITS_CLASSES else "fashion"
-    x, y = toy.load_data(data, "test")
+    x, y = toy.load_data(data, "eval")
     with torch.no_grad():
-        accuracy = (pipe.classifier(x[:2000]).argmax(1) == y[:2000]).float().mean().item()
-    # The shipped classifiers score 88.5% on all 297 held-out digits and on the 10000 Fashion-MNIST test
-    # images (weights metadata); 0.85 leaves room for the 2000-image subset's sampling error (±0.7%) while
-    # a wrong loader, label order or weights file scores near 10%.
+        accuracy = (pipe.classifier(x).argmax(1) == y).float().mean().item()
+    # The shipped classifiers score 88.5% on the 297 held-out digits and on the 10,000 Fashion-MNIST test
+    # images (weights metadata), 88.8% on the 3,000-image slice. The slice is fixed, so this is not a
+    # sampling question: 0.85 is the bar for "the loader, label order and weights match", which a wrong
+    # one fails by far (≈ 10%); it leaves 3.5 points for a retrained classifier's run-to-run spread.
     assert accuracy >= 0.85
 
 
 def test_vae_reconstructs_test_images():
     pipe = toy.load("fashion_latent")
-    x, _ = toy.load_fashion_mnist("test")
+    x, _ = toy.load_fashion_mnist("eval")  # its first 500 rows are test images 0..~560, all classes
     with torch.no_grad():
         z = pipe.encode(x[:500])
         error = (pipe.decode(z) - x[:500]).square().mean().item()

@@ -3,11 +3,13 @@
 At each step σ → σ' of the Karras β-SDE (``sampling.sde_step(beta=...)``) Demon draws K noises z_k,
 takes the Heun step with each, looks every candidate ahead to x̂₀ (the denoiser's own Tweedie
 estimate, a supplied consistency model, or a PF-ODE rollout), scores the look-aheads with the reward
-and takes the real step with z* = √N·Σ b_k z_k / ‖Σ b_k z_k‖, b_k the reward weights. Formulas and
-the reference code's defects are in ``reference/demon.md``. Unlike the reference, τ is recomputed at
-every step with a floor and a uniform fallback (B1, B2), ``optimal`` is centred (B3), the sampler ends
-at σ = 0 (B6), runs B items × K candidates per network call (B9), draws from ``generator=`` only
-(B10), works with K = 1 and never reuses a run folder (B11), and reuses D(x, σ) for the chosen step (P1).
+and takes the real step with z* = √N·Σ b_k z_k / ‖Σ b_k z_k‖, b_k the reward weights. Unlike the
+authors' code: the adaptive τ is recomputed at every step (theirs freezes after the first), with a floor
+and uniform weights when the rewards have no spread (theirs divides by a zero or NaN τ); ``optimal``
+weights are centred rewards (theirs uses raw ones); the sampler ends at σ = 0 instead of decoding the
+σ_min latent; B items × K candidates go through one network call (theirs runs batch 1); all noise comes
+from ``generator=`` (no global RNG); K = 1 works and a run folder is never reused; and D(x, σ) of the
+chosen step is reused instead of recomputed (one network evaluation saved per step).
 """
 from __future__ import annotations
 
@@ -38,27 +40,42 @@ REFERENCE_GRID = (14.6488, 2e-3)  # (σ_max, σ_min) of the Demon reference's Ka
 MODEL_ENV = "KDIFF_ALIGN_MODEL"  # DemonGenerator's default model: a local diffusers folder or toy:NAME
 
 
+def finite_mean_std(r: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-item mean and (unbiased) std of the finite rewards of ``r`` ``[B, K]``; std 0 below two of them."""
+    if torch.isfinite(r).all():
+        return r.mean(1), (r.std(1) if r.shape[1] > 1 else r.new_zeros(r.shape[0]))
+    ok = torch.isfinite(r)
+    n = ok.sum(1)
+    mean = torch.where(ok, r, 0.0).sum(1) / n.clamp_min(1)
+    var = torch.where(ok, r - mean[:, None], 0.0).square().sum(1) / (n - 1).clamp_min(1)
+    return mean, torch.where(n > 1, var.sqrt(), 0.0)
+
+
 def demon_weights(rewards: Tensor, demon_type: str = "tanh", tau="adaptive") -> tuple[Tensor, Tensor]:
     """Demon's noise weights b ``[B, K]`` from rewards ``[B, K]``, and the τ ``[B]`` used (float64).
 
     tanh: b = tanh((r − r̄)/τ); boltzmann: b = softmax(r/τ); optimal: b = r − r̄ (centred, unlike the
     reference). ``tau="adaptive"`` is the per-item std of the K rewards, recomputed at every call and
-    floored at ``SPREAD_MIN``; items whose rewards have no spread (std < ``SPREAD_MIN``, or K = 1) get
-    uniform weights, so z* is the normalised mean noise and nothing is ever NaN.
+    floored at ``SPREAD_MIN``; items whose rewards have no spread (std < ``SPREAD_MIN``, or K = 1) and no
+    rejected candidate get uniform weights, so z* is the normalised mean noise and nothing is ever NaN. A reward of −inf rejects
+    its candidate (``check_rewards``): r̄ and the std are taken over the others, and it gets the lowest
+    weight the weighting gives (tanh −1, Boltzmann 0, optimal the lowest finite candidate's).
     """
     r = rewards.detach().double()
-    spread = r.std(1) if r.shape[1] > 1 else r.new_zeros(r.shape[0])
+    ok = torch.isfinite(r)
+    mean, spread = finite_mean_std(r)
     tau_b = spread.clamp_min(SPREAD_MIN) if tau == "adaptive" else r.new_full(r.shape[:1], float(tau))
-    centred = r - r.mean(1, keepdim=True)
+    centred = torch.where(ok, r - mean[:, None], 0.0)
     if demon_type == "tanh":
-        b = torch.tanh(centred / tau_b[:, None])
+        b = torch.where(ok, torch.tanh(centred / tau_b[:, None]), -1.0)
     elif demon_type == "boltzmann":
-        b = torch.softmax(centred / tau_b[:, None], 1)
+        b = torch.softmax(torch.where(ok, centred / tau_b[:, None], -math.inf), 1)
     elif demon_type == "optimal":
-        b = centred
+        lowest = torch.where(ok, centred, math.inf).min(1, keepdim=True).values
+        b = torch.where(ok, centred, lowest)
     else:
         raise ValueError(f"demon_type must be one of {', '.join(DEMON_TYPES)}, got {demon_type!r}")
-    flat = (spread < SPREAD_MIN)[:, None]
+    flat = ((spread < SPREAD_MIN) & (ok.all(1) | ~ok.any(1)))[:, None]  # ties, or every candidate rejected
     return torch.where(flat, torch.ones_like(b), b), tau_b
 
 
@@ -154,13 +171,14 @@ def lookahead(model, x: Tensor, sigma: float, r_of_c: str = "consistency", *, ex
     return sampling.odeint(model, x, sigmas, extra_args=extra_args, disable=True, method=method)
 
 
-def _score(reward, x0: Tensor, step: int, sigma: float) -> Tensor:
-    """Rewards of the look-aheads as a checked float64 tensor; failures name the step."""
+def _score(reward, x0: Tensor, batch: int, step: int, sigma: float) -> Tensor:
+    """Rewards of the B·K look-aheads, checked by ``check_rewards`` in the user's terms; failures name the step."""
+    K = x0.shape[0] // batch
     try:
-        return check_rewards(reward(x0), x0.shape[0], "reward")
+        return check_rewards(reward(x0), batch, "reward", per_item=K, terms=f"{batch} images x {K} candidates")
     except Exception as error:
         if hasattr(error, "add_note"):
-            error.add_note(f"while scoring {x0.shape[0]} Demon candidates at step {step} (sigma={sigma:.4g})")
+            error.add_note(f"while scoring the Demon candidates at step {step} (sigma={sigma:.4g})")
         raise
 
 
@@ -252,8 +270,9 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
 
     Args:
         x: ``[B, ...]`` noise at ``sigmas[0]``. ``sigmas``: decreasing, ending in 0.
-        reward: ``reward(x0 [B·K, ...]) -> [B·K]``, higher is better; NaN, a wrong length or an exception
-            stops the run with an error naming the step.
+        reward: ``reward(x0 [B·K, ...]) -> Tensor[B·K]``, higher is better (``rewards.check_rewards``: −inf
+            rejects a candidate; NaN, +inf, a list, a wrong shape or an exception stops the run with an
+            error in terms of B images x K candidates, naming the step).
         tau: ``"adaptive"`` (std of each item's K rewards, recomputed every step) or a positive number.
         r_of_c: look-ahead, ``"consistency"`` (one step) or ``"baseline"`` (PF-ODE rollout); see ``lookahead``.
         c_steps: rollout steps near σ_max for ``baseline`` (default 20, the reference's).
@@ -287,15 +306,15 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         x0 = lookahead(net, x_next, sigma_next, r_of_c, extra_args=_repeat_rows(extra_args, K, batch),
                        consistency_model=consistency, sampler=sampler, c_steps=20 if c_steps is None else c_steps,
                        sigma_min=sigma_min, sigma_max=sigma_max, method=method)
-        r = _score(reward, x0, i, float(sigma_next)).view(batch, K)
+        r = _score(reward, x0, batch, i, float(sigma_next)).view(batch, K)
         b, tau_b = demon_weights(r, demon_type, tau)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, "reward": r,
                       "weights": b, "tau": tau_b, "lookahead": x0.view(batch, K, *x.shape[1:])})
         x, _ = sampling.sde_step(net, x, sigma, sigma_next, extra_args=extra_args, beta=beta,
                                  noise=combine_noise(z, b), denoised=denoised)
-        spread = r.std(1) if K > 1 else torch.zeros_like(tau_b)
-        for key, value in (("sigma", float(sigma_next)), ("reward_mean", r.mean(1)), ("reward_std", spread),
+        mean, spread = finite_mean_std(r)  # over the candidates not rejected (reward −inf)
+        for key, value in (("sigma", float(sigma_next)), ("reward_mean", mean), ("reward_std", spread),
                            ("tau", tau_b), ("seconds", time.perf_counter() - start)):
             log[key].append(value)
     tail = None if callback is None else (lambda info: callback({**info, "i": info["i"] + steps}))
@@ -500,7 +519,9 @@ class DemonGenerator(abc.ABC):
 
         def reward(x0: Tensor) -> Tensor:
             self._pils = None
-            return check_rewards(self.rewards_latent(x0), x0.shape[0], f"{type(self).__name__}.rewards")
+            values = torch.as_tensor(self.rewards_latent(x0), dtype=torch.float64)  # rewards(pils) gives a list
+            return check_rewards(values, x0.shape[0], f"{type(self).__name__}.rewards",
+                                 terms=f"1 image x {x0.shape[0]} candidates")
 
         callback = (lambda info: "reward" in info and self._save_trajectory(folder / "trajectory", info)) \
             if self.save_pils else None
@@ -529,7 +550,8 @@ class DemonGenerator(abc.ABC):
         return {**result, "directory": folder, "plain": pil}
 
     def _write_results(self, folder: Path, plain: Tensor, demon: Tensor, info: dict) -> dict:
-        final = check_rewards(self.rewards_latent(torch.cat([plain, demon])), 2, f"{type(self).__name__}.rewards")
+        values = torch.as_tensor(self.rewards_latent(torch.cat([plain, demon])), dtype=torch.float64)
+        final = check_rewards(values, 2, f"{type(self).__name__}.rewards", terms="the plain and the Demon image")
         final = final.tolist()
         names = [("plain_ode.png", "init.png"), ("demon.png", "out.png")]  # ours and the seed's
         pils = self._save_pngs(folder, torch.cat([plain, demon]), names)

@@ -6,7 +6,7 @@ plain (``proposal="prior"``, gradient-free FK) or with the reward-gradient drift
 (``proposal="guided"``, DAS/TDS). Potentials are evaluated on r(D(x, σ_i)) with tempering λ_i; the
 last step always weighs by the exact r(x₀)/α, so the target holds whatever the schedule. Log-weights
 live in float64 per group ``[B, N]``, and every per-particle cache is re-indexed on resampling (the
-DAS reference code forgets the twist, which biases it). Formulas: ``reference/smc.md`` §5.
+DAS reference code forgets the twist, which biases it). ``docs/smc.md`` states the algorithm.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from ..cond import batched_call, broadcast_kwargs, slice_kwargs
+from ..rewards import check_rewards
 from ..sampling import sde_step
 from ..utils import append_dims, check_finite, check_sigmas, get_ancestral_step, nfe_summary
 
@@ -258,21 +259,19 @@ def reindex(state: dict, ancestors: Tensor) -> dict:
     return {k: v[rows, ancestors] if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
-def _check_reward(values, rows: int, step: int, name: str = "reward") -> Tensor:
-    """Float64 ``[rows]`` rewards; NaN or +inf raise (−inf is allowed: zero target density)."""
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{name} must return a torch.Tensor of shape [{rows}], got {type(values).__name__}")
-    if values.shape != (rows,):
-        raise ValueError(f"{name} returned shape {tuple(values.shape)} at step {step}, expected [{rows}]")
-    r = values.detach().to(torch.float64)
-    bad = torch.isnan(r) | (r == math.inf)
-    if bad.any():
-        raise ValueError(f"{name} returned NaN or +inf at step {step} for particles "
-                         f"{torch.nonzero(bad).flatten().tolist()[:10]}")
-    return r
+def _check_reward(values, rows: int, step: int, name: str = "reward", terms: str = "") -> Tensor:
+    """Float64 ``[rows]`` rewards by ``rewards.check_rewards`` (−inf allowed: zero target density)."""
+    where = f"{terms or f'{rows} particles'} at step {step}"
+    return check_rewards(values, rows, name, terms=where)
 
 
-def _grad_rows(model, x, sigma, kwargs, reward_fn, grad, sigma_data, max_batch, nfe, step):
+def _rows_terms(i: int, rows: int, total: int, n: int) -> str:
+    """Rows ``i .. i+rows`` of B images x N particles, in the user's terms."""
+    whole = f"{total // n} images x {n} particles"
+    return whole if rows == total else f"rows {i}-{i + rows - 1} of {whole}"
+
+
+def _grad_rows(model, x, sigma, kwargs, reward_fn, grad, sigma_data, max_batch, nfe, step, n=1):
     """D(x, σ) with ∇_x r(D) per row, in chunks of ``max_batch``: full Jacobian or scalar k(σ)·∇_D r."""
     chunk = x.shape[0] if max_batch is None else max_batch
     kwargs = broadcast_kwargs(kwargs, x.shape[0]) if chunk < x.shape[0] else kwargs
@@ -289,7 +288,7 @@ def _grad_rows(model, x, sigma, kwargs, reward_fn, grad, sigma_data, max_batch, 
                     d_c = model(x[sl], sigma[sl], **slice_kwargs(kwargs, sl))
                 d_c = leaf = d_c.detach().requires_grad_(True)
             r_c = reward_fn(d_c)
-            _check_reward(r_c, d_c.shape[0], step, "the guiding reward")
+            _check_reward(r_c, d_c.shape[0], step, "the guiding reward", _rows_terms(i, d_c.shape[0], x.shape[0], n))
             if not r_c.requires_grad:
                 raise TypeError("proposal='guided' needs a differentiable reward (or proposal_reward); "
                                 "use proposal='prior' for gradient-free rewards")
@@ -315,8 +314,9 @@ def _evaluate(model, x, sigma, kwargs, guide, grad, sigma_data, max_batch, nfe, 
         nfe["calls"] += -(-groups * n // (max_batch or groups * n))
         nfe["denoiser"] += groups * n
         return batched_call(model, flat, sigma, kwargs, max_batch).view_as(x), None, None
-    denoised, r, g = _grad_rows(model, flat, sigma, kwargs, guide, grad, sigma_data, max_batch, nfe, step)
-    return denoised.view_as(x), _check_reward(r, groups * n, step).view(groups, n), g.view_as(x)
+    denoised, r, g = _grad_rows(model, flat, sigma, kwargs, guide, grad, sigma_data, max_batch, nfe, step, n)
+    return denoised.view_as(x), _check_reward(r, groups * n, step, terms=_rows_terms(0, groups * n, groups * n, n)) \
+        .view(groups, n), g.view_as(x)
 
 
 def _reward_rows(reward, denoised, max_batch, nfe, step) -> Tensor:
@@ -324,7 +324,8 @@ def _reward_rows(reward, denoised, max_batch, nfe, step) -> Tensor:
     flat = denoised.flatten(0, 1)
     chunk = flat.shape[0] if max_batch is None else max_batch
     with torch.no_grad():
-        values = [_check_reward(reward(flat[i:i + chunk]), flat[i:i + chunk].shape[0], step)
+        values = [_check_reward(reward(flat[i:i + chunk]), flat[i:i + chunk].shape[0], step,
+                                terms=_rows_terms(i, flat[i:i + chunk].shape[0], flat.shape[0], denoised.shape[1]))
                   for i in range(0, flat.shape[0], chunk)]
     nfe["reward"] += flat.shape[0]
     return torch.cat(values).view(denoised.shape[:2])
