@@ -82,7 +82,8 @@ print("Demon, r = −‖x₀ − m‖²:", distance_to_mode(steered))
 # reward r = x₀[0]: unbounded, so Demon keeps climbing past the mode, off the data
 climbing = demon.sample_demon(model, x_T, demon_sigmas, lambda x0: x0[:, 0], K=6,
                               generator=torch.Generator().manual_seed(2), disable=True)
-print(f"Demon, r = x₀[0]: {distance_to_mode(climbing)}; x₀[0] = {climbing[:, 0].mean():.2f} ± {climbing[:, 0].std():.2f}")
+print(f"Demon, r = x₀[0]: {distance_to_mode(climbing)}; "
+      f"x₀[0] = {climbing[:, 0].mean():.2f} ± {climbing[:, 0].std():.2f}")
 
 # SMC targets p(x₀)·exp(r(x₀)/α): with r = x₀[0] and α = 1 the rare mode's weight rises
 smc_sigmas = get_sigmas_flow(20, shift=3.0, t_max=0.99)

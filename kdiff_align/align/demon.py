@@ -57,9 +57,10 @@ def demon_weights(rewards: Tensor, demon_type: str = "tanh", tau="adaptive") -> 
     tanh: b = tanh((r − r̄)/τ); boltzmann: b = softmax(r/τ); optimal: b = r − r̄ (centred, unlike the
     reference). ``tau="adaptive"`` is the per-item std of the K rewards, recomputed at every call and
     floored at ``SPREAD_MIN``; items whose rewards have no spread (std < ``SPREAD_MIN``, or K = 1) and no
-    rejected candidate get uniform weights, so z* is the normalised mean noise and nothing is ever NaN. A reward of −inf rejects
-    its candidate (``check_rewards``): r̄ and the std are taken over the others, and it gets the lowest
-    weight the weighting gives (tanh −1, Boltzmann 0, optimal the lowest finite candidate's).
+    rejected candidate get uniform weights, so z* is the normalised mean noise and nothing is ever NaN.
+    A reward of −inf rejects its candidate (``check_rewards``): r̄ and the std are taken over the others,
+    and it gets the lowest weight the weighting gives (tanh −1, Boltzmann 0, optimal the lowest finite
+    candidate's).
     """
     r = rewards.detach().double()
     ok = torch.isfinite(r)
@@ -543,7 +544,8 @@ class DemonGenerator(abc.ABC):
 
     def _write_plain(self, folder: Path, plain: Tensor) -> dict:
         """``ode=True``: the plain PF-ODE image and its reward only."""
-        final = check_rewards(self.rewards_latent(plain), 1, f"{type(self).__name__}.rewards").tolist()
+        final = check_rewards(torch.as_tensor(self.rewards_latent(plain), dtype=torch.float64), 1,
+                              f"{type(self).__name__}.rewards").tolist()
         (pil,) = self._save_pngs(folder, plain, [("plain_ode.png", "init.png")])
         result = {"plain_reward": final[0], "grid": [float(self.sigmas()[0]), float(self.sigmas()[-2])]}
         _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
