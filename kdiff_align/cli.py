@@ -1,4 +1,4 @@
-"""Command line: ``kdiff-align demo [--out DIR] [--quick]``."""
+"""Command line: ``kdiff-align demo [--out DIR] [--quick]``, ``demon``, ``generate``, ``arena``."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     demon.add_cli(sub)  # kdiff-align demon --model PATH|toy --prompt ... --reward ...
     from . import generate
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
+    from .apps import arena
+    arena.add_cli(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
     args = parser.parse_args(argv)
     return args.func(args)
 
