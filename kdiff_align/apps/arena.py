@@ -14,7 +14,9 @@ usual 20-step grid), ``demon-{tanh,boltzmann,optimal}-{tweedie,rollout}`` (Sampl
 look-ahead uses the solver), ``smc-{fk,das}-{resample,argmax}`` (FK steering's prior proposal, DAS's
 guided proposal; one resampled draw or the highest-weight particle), ``guidance-dps`` (reward gradient
 guidance, ``align.guidance``) and ``search-{random,zero-order}`` (Ma et al. 2025, ``align.search``, on
-10-step samples). Gradient methods are skipped for non-differentiable rewards.
+10-step samples). Gradient methods are skipped for non-differentiable rewards. SMC moves by its ancestral
+kernel and Demon by the β-SDE with a Heun tail whatever the solver; adaptive solvers (dopri5, ...) take the
+evaluations their tolerance needs, so their counted NFE need not match the budget.
 """
 from __future__ import annotations
 
