@@ -23,28 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import linalg
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kdiff_align import toy  # noqa: E402
+from kdiff_align.metrics import features, frechet_distance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CFGS = (0.0, 1.0, 3.0)
-
-
-@torch.no_grad()
-def features(classifier, x: torch.Tensor) -> np.ndarray:
-    """Penultimate classifier features of images ``x``, in chunks."""
-    return torch.cat([classifier.features(x[i:i + 1000]) for i in range(0, len(x), 1000)]).double().numpy()
-
-
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) between Gaussians fitted to two feature sets."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Command line: kdiff-align {demo, demon, generate} (kdiff-align SUB --help for each).
+"""Command line: kdiff-align {demo, demon, generate, arena} (kdiff-align SUB --help for each).
 
 A bad value fails before anything is loaded or written, with one line naming the flag and exit
 status 2 (--debug shows the traceback); Ctrl-C stops with one line saying what was kept (exit 130).
@@ -48,6 +48,8 @@ def parser() -> cliargs.Parser:
     demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
     from . import generate
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
+    from .apps import arena
+    arena.add_cli(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
     return top
 
 

@@ -17,6 +17,8 @@ Interface:
   EDM preconditioning (σ_data = 0.5) and the σ range [0.002, 80].
 - ``classifier_reward(pipe, class_name) -> reward(x0) -> Tensor[B]``: the classifier's logit (or
   log-probability) of that class, differentiable, decoding latents with ``pipe.decode`` first.
+- ``load_heldout_classifier()``: a second Fashion-MNIST classifier (an MLP, another seed) that no
+  method optimises, for held-out rewards and feature metrics (``kdiff_align.apps.arena``).
 - ``load_digits_data(split)`` and ``load_fashion_mnist(split)`` return ``(images [N, 1, H, W] in [-1, 1],
   labels [N])``. Split ``"eval"`` of Fashion-MNIST is the shipped slice of 3,000 test images
   (``kdiff_align/data/``, no data set needed); ``"train"`` and ``"test"`` read the full IDX files of the
@@ -50,6 +52,7 @@ DIGITS_CLASSES = [str(i) for i in range(10)]
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # The shipped evaluation slice of Fashion-MNIST (first 300 test images per class; train/make_eval_slice.py)
 FASHION_EVAL_SLICE = Path(__file__).parent / "data" / "fashion_mnist_eval.npz"
+HELDOUT_CLASSIFIER = "fashion_classifier_heldout.safetensors"  # train/README.md has its command
 SIGMA_DATA, SIGMA_MIN, SIGMA_MAX = 0.5, 0.002, 80.0
 MODELS = {  # name -> (diffusion weights, classifier weights, VAE weights or None, class names)
     "digits": ("digits.safetensors", "digits_classifier.safetensors", None, DIGITS_CLASSES),
@@ -215,6 +218,26 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+class MLPClassifier(nn.Module):
+    """A two-hidden-layer MLP on flattened images: the arena's held-out classifier (another architecture)."""
+
+    def __init__(self, in_channels: int = 1, size: int = 28, hidden: int = 256, feature_dim: int = 128,
+                 n_classes: int = 10):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, size=size, hidden=hidden, feature_dim=feature_dim,
+                           n_classes=n_classes)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * size * size, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, feature_dim), nn.SiLU())
+        self.head = nn.Linear(feature_dim, n_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate-layer features ``[B, feature_dim]``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
 class VAE(nn.Module):
     """A small VAE, 1×28×28 images in [-1, 1] ↔ 4×7×7 latents (scaled to standard deviation σ_data = 0.5)."""
 
@@ -296,6 +319,11 @@ def load(name: str, device="cpu") -> ToyPipeline:
     side = 8 if name == "digits" else 28
     latent_shape = (vae.config["latent_channels"], 7, 7) if vae is not None else (1, side, side)
     return ToyPipeline(net, class_names, classifier, vae, latent_shape, device)
+
+
+def load_heldout_classifier(device="cpu") -> MLPClassifier:
+    """The held-out Fashion-MNIST classifier: an MLP trained with another seed, 88.9% test accuracy."""
+    return load_module(MLPClassifier, HELDOUT_CLASSIFIER, device)
 
 
 def classifier_reward(pipe: ToyPipeline, class_name: str, log_prob: bool = False):

@@ -2,9 +2,11 @@
 
     python train/train_classifier.py --data fashion --epochs 3 --seed 0
     python train/train_classifier.py --data digits --epochs 30 --shift 1 --seed 0
+    python train/train_classifier.py --data fashion --arch mlp --epochs 4 --seed 1 --threads 1 \
+        --name fashion_classifier_heldout      # the arena's held-out classifier (an MLP, another seed)
 
 Each batch gets a random shift of up to ``--shift`` pixels. The test accuracy is printed and stored in the
-weights' metadata (``kdiff_align/weights/<data>_classifier.safetensors``).
+weights' metadata (``kdiff_align/weights/<name>.safetensors``, ``<data>_classifier`` by default).
 """
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ from kdiff_align import toy  # noqa: E402
 from train.common import WEIGHTS, save_weights  # noqa: E402
 
 ARCH = {"digits": dict(channels=(32, 64), size=8), "fashion": dict(channels=(32, 48, 64), size=28)}
+MLP = {"digits": dict(size=8, hidden=256, feature_dim=64), "fashion": dict(size=28, hidden=256, feature_dim=128)}
+
+
+def build(data: str, arch: str) -> torch.nn.Module:
+    """The classifier network for ``data``: the shipped CNN or the held-out MLP (another architecture)."""
+    return toy.Classifier(**ARCH[data]) if arch == "cnn" else toy.MLPClassifier(**MLP[data])
 
 
 def random_shift(x: torch.Tensor, generator, pixels: int = 2) -> torch.Tensor:
@@ -44,6 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--shift", type=int, default=2, help="largest random translation in pixels")
+    parser.add_argument("--arch", choices=("cnn", "mlp"), default="cnn", help="network (default: the shipped CNN)")
+    parser.add_argument("--name", default=None, help="weights file stem (default: <data>_classifier)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -53,7 +63,7 @@ def main(argv=None) -> None:
 
     x, y = toy.load_data(args.data, "train")
     x_test, y_test = toy.load_data(args.data, "test")
-    classifier = toy.Classifier(**ARCH[args.data])
+    classifier = build(args.data, args.arch)
     steps = args.epochs * (len(x) // args.batch)
     opt = torch.optim.AdamW(classifier.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps)
@@ -74,8 +84,9 @@ def main(argv=None) -> None:
         test_accuracy = accuracy(classifier, x_test, y_test)
         classifier.train()
         print(f"epoch {epoch + 1}: test accuracy {test_accuracy:.4f}", flush=True)
-    save_weights(classifier, WEIGHTS / f"{args.data}_classifier.safetensors", test_accuracy=f"{test_accuracy:.4f}",
-                 epochs=args.epochs, seed=args.seed)
+    name = args.name or f"{args.data}_classifier"
+    save_weights(classifier, WEIGHTS / f"{name}.safetensors", test_accuracy=f"{test_accuracy:.4f}",
+                 epochs=args.epochs, seed=args.seed, arch=args.arch)
 
 
 if __name__ == "__main__":

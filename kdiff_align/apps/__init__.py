@@ -1,0 +1,1 @@
+"""Applications built on the library: command-line jobs and their Python functions."""
