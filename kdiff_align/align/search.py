@@ -51,7 +51,7 @@ def zero_order_search(sample: Callable[[Tensor], Tensor], reward: Callable[[Tens
                       iterations: int, count: int, step: float = 0.5, generator: Generator = None
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """Zero-order search: from the pivot noise, sample ``count`` neighbours, move to the best if it
-    improves the reward, repeat ``iterations`` times (Ma et al. 2025, §3.1).
+    improves the reward, repeat ``iterations`` times (Ma et al. 2025, "Inference-time scaling for diffusion models", zero-order search).
 
     Costs 1 + ``iterations``·``count`` samples per item. Returns ``(x0, noise, reward)`` of the final pivot.
     """
