@@ -118,15 +118,3 @@ class CountingDenoiser(torch.nn.Module):
         self.calls += 1
         self.rows += x.shape[0]
         return self.model(x, sigma, **kwargs)
-
-
-_STRATEGIES = ("seeds", "sigma_ranges", "sigma_schedules", "gaussian_problems", "gaussian_denoisers",
-               "mixture_denoisers", "conditions", "uint8_images")
-
-
-def __getattr__(name: str):
-    """Hypothesis strategies (``kdiff_align.testing.sigma_schedules`` ...), imported on first use."""
-    if name in _STRATEGIES:
-        from . import strategies
-        return getattr(strategies, name)
-    raise AttributeError(f"module 'kdiff_align.testing' has no attribute {name!r}")

@@ -16,7 +16,7 @@ import torch
 import kdiff_align as ka
 from kdiff_align import rewards, toy
 from kdiff_align.align.demon import sample_demon
-from kdiff_align.demo import unconditional
+from kdiff_align.apps.demo import unconditional
 from kdiff_align.image import save_figure
 
 torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import kdiff_align as ka
 from kdiff_align import toy
 from kdiff_align.align.newton import Downsample, Mask, linear_residual, newton_step, sample_constrained
-from kdiff_align.demo import unconditional
+from kdiff_align.apps.demo import unconditional
 from kdiff_align.image import save_figure
 
 torch.set_num_threads(1)  # one thread: small nets stall with two on 2-vCPU machines

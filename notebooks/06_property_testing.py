@@ -1,6 +1,6 @@
 # %% [markdown]
 # # Property-test your own sampler
-# `kdiff_align.testing` ships closed-form denoisers and Hypothesis strategies (`sigma_schedules`,
+# `kdiff_align.testing` ships closed-form denoisers and `kdiff_align.strategies` Hypothesis strategies (`sigma_schedules`,
 # `gaussian_problems`, `mixture_denoisers`, `conditions`, `uint8_images`, `seeds`). A sampler is
 # correct when, for *every* schedule and Gaussian the strategies produce, it lands near the exact
 # probability-flow solution; Hypothesis searches for the counterexample.
@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 
 import kdiff_align as ka
-from kdiff_align.testing import GaussianDenoiser, gaussian_problems, seeds
+from kdiff_align.strategies import gaussian_problems, seeds
+from kdiff_align.testing import GaussianDenoiser
 
 
 def my_sampler(model, x, sigmas, *, extra_args=None, callback=None, disable=None):

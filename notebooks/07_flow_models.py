@@ -18,7 +18,7 @@ from kdiff_align.align import demon, smc
 from kdiff_align.external import FlowDenoiser
 from kdiff_align.image import save_figure
 from kdiff_align.schedules import get_sigmas_flow
-from kdiff_align.sd3 import FlowPipeline
+from kdiff_align.models.sd3 import FlowPipeline
 from kdiff_align.testing import MixtureDenoiser
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead

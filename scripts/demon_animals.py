@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from kdiff_align.pipeline import from_pretrained
+    from kdiff_align.models import from_pretrained
     dtype = torch.float16 if args.fp16 else torch.float32
     pipe = from_pretrained(args.model, torch_dtype=dtype, device=args.device)
     scorer = AestheticScorer(args.clip, args.mlp, dtype=dtype, device=pipe.device)

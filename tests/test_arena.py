@@ -8,7 +8,7 @@ from kdiff_align import metrics, rewards, toy
 from kdiff_align.align import demon as demon_mod
 from kdiff_align.align import guidance, search
 from kdiff_align.apps import arena
-from kdiff_align.cli import main
+from kdiff_align.apps.cli import main
 from kdiff_align.testing import GaussianDenoiser
 
 SMALL = dict(budgets=(40, 80), images=3, methods=["plain", "best_of_n"], seed=3)

@@ -3,7 +3,7 @@ one vocabulary with deprecated spellings, help with defaults, default settings w
 
 Every failure case runs in-process through ``cli.main`` (which is what the console script calls), and
 one case of each kind (a bad value, a bad combination, a failure at run time, Ctrl-C) also runs as
-``python -m kdiff_align.cli`` in a subprocess, to see the process's exit status and the absence of a
+``python -m kdiff_align`` in a subprocess, to see the process's exit status and the absence of a
 traceback as a user does; a subprocess costs the ~4 s import of torch, so those are kept few.
 """
 import argparse
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdiff_align import cliargs
-from kdiff_align.cli import main, parser
+from kdiff_align.apps import cliargs
+from kdiff_align.apps.cli import main, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 MIX = ["--model", "toy:mixture", "--prompt", "grey"]
@@ -28,7 +28,7 @@ MIX = ["--model", "toy:mixture", "--prompt", "grey"]
 def cli(*args, cwd=None, warnings_as_errors=False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     flags = ["-W", "error"] if warnings_as_errors else []
-    return subprocess.run([sys.executable, *flags, "-m", "kdiff_align.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, *flags, "-m", "kdiff_align", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=300)
 
 
@@ -249,7 +249,7 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(tmp_path):
     args = ["generate", *MIX, "--seeds", "0-199", "--method", "demon", "--steps", "12", "--K", "6",
             "--reward", "brightness", "--out", out, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "kdiff_align.cli", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "kdiff_align", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not (out / "manifest.jsonl").exists() or not (out / "manifest.jsonl").read_text().count("\n") >= 2:

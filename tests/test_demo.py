@@ -4,8 +4,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from kdiff_align import demo
-from kdiff_align.cli import main
+from kdiff_align.apps import demo
+from kdiff_align.apps.cli import main
 
 REWARDS = ["logit 'bag'", "-JPEG kB"]
 

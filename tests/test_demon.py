@@ -13,7 +13,7 @@ import kdiff_align as ka
 from kdiff_align.align import demon
 from kdiff_align.align.demon import (DemonGenerator, combine_noise, demon_cost, demon_weights, rollout_steps,
                                      sample_demon)
-from kdiff_align.pipeline import Pipeline
+from kdiff_align.models.pipeline import Pipeline
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
 from kdiff_align.utils import generators
 
@@ -359,7 +359,7 @@ def test_generator_end_to_end_on_a_tiny_sd_folder(sd_folder, tmp_path):
 
 
 def test_cli_demon_on_a_tiny_sd_folder(sd_folder, tmp_path, capsys):
-    from kdiff_align.cli import main
+    from kdiff_align.apps.cli import main
     assert main(["demon", "--model", str(sd_folder), "--prompt", "a dog", "--reward", "jpeg", "--K", "2", "--T", "4",
                  "--beta", "0.05", "--ode-after", "1.0", "--out", str(tmp_path), "--no-progress",
                  "--device", "cpu"]) == 0
@@ -416,7 +416,7 @@ def test_animal_evaluation_script_on_tiny_models(sd_folder, tmp_path, capsys):
 @pytest.mark.slow
 def test_demon_on_the_shipped_fashion_model(tmp_path, capsys):
     from kdiff_align import toy
-    from kdiff_align.cli import main
+    from kdiff_align.apps.cli import main
     pipe = toy.load("fashion")
     reward = toy.classifier_reward(pipe, "sandal")
     guided = pipe.guided({"prompts": ["sneaker"], "cfgs": [1.0]})

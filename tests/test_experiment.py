@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from kdiff_align.experiment import (Experiment, env_secrets, plot_steps, read_jsonl, redact, run_items, secret_name,
+from kdiff_align.apps.experiment import (Experiment, env_secrets, plot_steps, read_jsonl, redact, run_items, secret_name,
                                     shard)
 
 SECRET = "sk-live-0123456789abcdef"
@@ -113,7 +113,7 @@ WORKER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from test_experiment import NAMES, picture
-    from kdiff_align.experiment import Experiment, run_items
+    from kdiff_align.apps.experiment import Experiment, run_items
 
     exp = Experiment({directory!r}, {{"seed": 0}})
 

@@ -1,7 +1,7 @@
 """``kdiff-align generate``: sharding over 2 gloo ranks under torchrun, resume after killed ranks and jobs.
 
 The runs use ``toy:mixture`` (a closed-form 1×8×8 Gaussian-mixture Pipeline defined in
-``kdiff_align.generate``) so they need no weights and take seconds; Demon draws fresh noise at every
+``kdiff_align.apps.generate``) so they need no weights and take seconds; Demon draws fresh noise at every
 step, so equal images across runs show that each item's randomness depends only on its seed.
 """
 import base64
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from kdiff_align import generate
-from kdiff_align.experiment import read_jsonl, shard
+from kdiff_align.apps import generate, reward_specs
+from kdiff_align.apps.experiment import read_jsonl, shard
 
 PROMPTS = ["dark", "light", "grey"]
 SEEDS = "0-3"
@@ -34,7 +34,7 @@ NAMES = [name for name, _, _ in generate.items(PROMPTS, generate.parse_seeds(SEE
 def torchrun(prompts: Path, out: Path) -> subprocess.Popen:
     """Start the job on 2 gloo ranks (CPU); each worker is a child of the returned torchrun process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kdiff_align.cli", "generate", "--prompts", str(prompts), "--out", str(out), *ARGS]
+           "-m", "kdiff_align", "generate", "--prompts", str(prompts), "--out", str(out), *ARGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -180,11 +180,11 @@ def test_bad_arguments_fail_early(tmp_path, capsys):
     for bad in ("", "a", "3,3", "-1", "2-", "3-1"):
         with pytest.raises(ValueError, match="seeds"):
             generate.parse_seeds(bad)
-    assert generate.parse_reward("classifier:bag") == ("classifier", "bag")
-    assert generate.parse_reward("jpeg") == ("jpeg-small", None)  # the old name, with a note on stderr
+    assert reward_specs.parse_reward("classifier:bag") == ("classifier", "bag")
+    assert reward_specs.parse_reward("jpeg") == ("jpeg-small", None)  # the old name, with a note on stderr
     for bad in ("loss", "aesthetic", "jpeg-small:9"):
         with pytest.raises(ValueError, match="reward"):
-            generate.parse_reward(bad)
+            reward_specs.parse_reward(bad)
     with pytest.raises(ValueError, match="--prompts.*does not exist"):
         generate.read_prompts(tmp_path / "missing.txt")
     for args, words in ([["--K", "0"], "argument --K"], [["--prompt", "purple"], "purple"]):

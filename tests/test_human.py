@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kdiff_align.human import HumanChoice, choice_rewards, save_grid, terminal_choice
-from kdiff_align.vlm import httpx_module, image_data_url
+from kdiff_align.rewards.human import HumanChoice, choice_rewards, save_grid, terminal_choice
+from kdiff_align.rewards.vlm import httpx_module, image_data_url
 
 httpx = httpx_module()
 

@@ -1,7 +1,7 @@
 """The generic Pipeline (seed notebook API) on a closed-form conditional toy."""
 import torch
 
-from kdiff_align.pipeline import Pipeline
+from kdiff_align.models.pipeline import Pipeline
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
 
 

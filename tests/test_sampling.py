@@ -6,7 +6,7 @@ import kdiff_align as ka
 from kdiff_align import sampling
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
 from kdiff_align.utils import generators, to_d
-from strategies import gaussian_problems, seeds
+from strategies import gaussian_problems, mixture_denoisers, seeds
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
@@ -273,7 +273,7 @@ def test_beta_sde_warns_on_unstable_steps():
                   generator=torch.Generator().manual_seed(0))
 
 
-@given(model=__import__("kdiff_align").testing.mixture_denoisers(), seed=seeds)
+@given(model=mixture_denoisers(), seed=seeds)
 def test_euler_sdeint_eta0_agree_on_random_mixtures(model, seed):
     sigmas = ka.get_sigmas_karras(6, 0.01, 10.0)
     x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(seed)) * 10

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from kdiff_align import schedules
-from strategies import sigma_ranges
+from strategies import sigma_ranges, sigma_schedules
 
 
 @pytest.mark.parametrize("fn", [schedules.get_sigmas_karras, schedules.get_sigmas_exponential,
@@ -79,7 +79,7 @@ def test_bad_alphas_table():
         schedules.sigmas_from_alphas_cumprod(torch.tensor([0.5, 1.5]))
 
 
-@given(sigmas=__import__("kdiff_align").testing.sigma_schedules())
+@given(sigmas=sigma_schedules())
 def test_strategy_schedules_are_valid_sampling_grids(sigmas):
     from kdiff_align.utils import check_sigmas
     check_sigmas(sigmas, decreasing=True)

@@ -16,7 +16,7 @@ from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPToken
 
 import kdiff_align as ka
 from kdiff_align.schedules import flow_shift
-from kdiff_align.sd3 import FlowPipeline
+from kdiff_align.models.sd3 import FlowPipeline
 from kdiff_align.testing import GaussianDenoiser
 
 KINDS = ("no_t5", "t5")

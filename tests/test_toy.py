@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from kdiff_align import toy
-from kdiff_align.pipeline import Pipeline
+from kdiff_align.models.pipeline import Pipeline
 
 NAMES = ["digits", "fashion", "fashion_latent"]
 

@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from kdiff_align import vlm
-from kdiff_align.vlm import VLMError, VLMReward, parse_score, retry_after_seconds
+from kdiff_align.rewards import vlm
+from kdiff_align.rewards.vlm import VLMError, VLMReward, parse_score, retry_after_seconds
 
 KEY = "sk-test-5f3a9c1e7b2d4a6f8e0c"
 ENV = "KDIFF_TEST_VLM_KEY"
@@ -136,7 +136,7 @@ def test_cache_by_image_hash_and_prompt(server, key):
 def test_survives_faults_within_the_retry_budget(server, key, caplog):
     server.faults = ["500", "garbage", "503", "not-json", "slow", "429:0", "text"]
     pils = images(4, seed=1)
-    with caplog.at_level(logging.WARNING, logger="kdiff_align.vlm"):
+    with caplog.at_level(logging.WARNING, logger="kdiff_align.rewards.vlm"):
         scores = make(server, max_retries=7)(pils)  # 7 faults; even if one image drew all of them it has 8 tries
     assert scores == pytest.approx([true_score(im) for im in pils], abs=1e-9)
     assert len(server.requests) >= 4 + 6  # every fault but the parseable "text" answer cost one retry

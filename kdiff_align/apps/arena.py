@@ -20,7 +20,6 @@ evaluations their tolerance needs, so their counted NFE need not match the budge
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -37,10 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import metrics, rewards, sampling, toy
+from .. import metrics, rewards, sampling
 from ..align import guidance, search
 from ..align.demon import DEMON_TYPES, demon_steps, rollout_steps, sample_demon
 from ..align.smc import sample_smc, tempering_schedule
+from ..models import toy
 from ..testing import CountingDenoiser
 
 CLASS_NAME = "bag"

@@ -12,7 +12,6 @@ import math
 from typing import Callable
 
 import numpy as np
-import torch
 from torch import Tensor
 from tqdm.auto import trange
 

@@ -30,154 +30,18 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import cliargs, experiment, rewards, sampling
-from .pipeline import Pipeline
-from .utils import BACKWARD_COST, nfe_summary
+from .. import sampling
+from ..align.demon import sample_demon
+from ..align.smc import sample_smc
+from ..models import load_model
+from ..rewards import check_rewards
+from ..utils import BACKWARD_COST, nfe_summary
+from . import cliargs, experiment
+from .demon import cli_beta
+from .reward_specs import RewardFactory, parse_reward
 
 METHODS = ("plain", "demon", "smc", "best_of_n")
-DIFFERENTIABLE = ("brightness", "contrast", "classifier", "aesthetic")
-MIXTURE_CLASSES = ["dark", "grey", "light"]
 GRID_ROWS, GRID_COLS = 16, 8  # the report grid shows at most this many prompts × seeds
-
-
-# --- models ------------------------------------------------------------------------------------
-
-class MixtureImageDenoiser(torch.nn.Module):
-    """Exact class-conditional denoiser of a 3-class Gaussian mixture of 1×8×8 images (``toy:mixture``).
-
-    Class c is N(μ_c, s² I); the null class (label 3) is their equal-weight mixture. D is the closed
-    form posterior mean, so runs are fast and need no weights (tests and examples).
-    """
-
-    def __init__(self, std: float = 0.25):
-        super().__init__()
-        from .testing import MixtureDenoiser
-        ramp = torch.linspace(-0.3, 0.3, 8)
-        means = torch.stack([level + ramp[None, :] * ramp[:, None] * 4 for level in (-0.6, 0.0, 0.6)])[:, None]
-        self.register_buffer("means", means)
-        self.std = std
-        self.mixture = MixtureDenoiser(means, torch.full((3,), std), torch.ones(3))
-
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor) -> Tensor:
-        mean = self.means[class_labels.clamp_max(2)]
-        shrink = self.std**2 / (self.std**2 + sigma.to(x).reshape(-1, 1, 1, 1) ** 2)
-        conditional = mean + shrink * (x - mean)
-        null = (class_labels == 3).reshape(-1, 1, 1, 1)
-        return torch.where(null, self.mixture(x, sigma), conditional)
-
-
-def mixture_pipeline(device="cpu") -> Pipeline:
-    """``toy:mixture``: a closed-form Pipeline whose prompts are ``dark``, ``grey``, ``light`` (``""``: all)."""
-
-    def class_labels(prompts: list[str]) -> dict:
-        unknown = [p for p in prompts if p and p not in MIXTURE_CLASSES]
-        if unknown:
-            raise ValueError(f"unknown prompt(s) {unknown}; prompts must be '' or one of {MIXTURE_CLASSES}")
-        labels = [MIXTURE_CLASSES.index(p) if p else 3 for p in prompts]
-        return {"class_labels": torch.tensor(labels, device=device)}
-
-    pipe = Pipeline(MixtureImageDenoiser().to(device), class_labels, (1, 8, 8), sigma_min=0.002, sigma_max=20.0,
-                    device=device)
-    pipe.class_names = list(MIXTURE_CLASSES)
-    return pipe
-
-
-def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Pipeline:
-    """``toy:NAME`` (fashion, digits, fashion_latent, mixture) or a local diffusers folder → Pipeline."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"model must be 'toy:NAME' or a local diffusers folder, got {spec!r}")
-    if spec == "toy" or spec.startswith("toy:"):
-        name = spec.partition(":")[2] or "fashion"
-        if name == "mixture":
-            return mixture_pipeline(device)
-        from . import toy
-        return toy.load(name, device=device)
-    if not Path(spec).is_dir():
-        raise ValueError(f"model {spec!r} is neither toy:NAME nor an existing diffusers folder")
-    from .pipeline import from_pretrained
-    return from_pretrained(spec, torch_dtype=dtype, device=device)
-
-
-# --- rewards -----------------------------------------------------------------------------------
-
-def parse_reward(spec: str) -> tuple[str, str | None]:
-    """``"classifier:bag"`` → ``("classifier", "bag")`` (names of ``cliargs.REWARDS``); fails early on others."""
-    try:
-        return cliargs.reward_kind(cliargs.reward_spec(str(spec)))
-    except argparse.ArgumentTypeError as error:
-        raise ValueError(f"reward: {error}") from None
-
-
-def reward_label(spec: str, prompt: str = "") -> str:
-    """What a reward spec measures, for plot labels: ``classifier:bag`` → ``classifier logit of 'bag'``."""
-    kind, arg = parse_reward(spec)
-    if kind == "classifier":
-        return f"classifier logit of {arg or prompt!r}"
-    return {"jpeg-small": "-JPEG kB (small files)", "jpeg-large": "JPEG kB (large files)"}.get(kind, kind)
-
-
-class RewardFactory:
-    """Builds ``reward(x0) -> Tensor[B]`` on latents for each prompt, sharing expensive parts across prompts."""
-
-    def __init__(self, spec: str, pipe: Pipeline, args):
-        self.kind, self.arg = parse_reward(spec)
-        self.pipe, self.args, self._shared, self._cache = pipe, args, None, {}
-        if self.kind == "classifier" and not hasattr(pipe, "classifier"):
-            raise ValueError("--reward classifier needs a shipped toy model with a classifier (--model toy:fashion)")
-        if self.kind == "vlm" and not (args.vlm_url and args.vlm_model):
-            raise ValueError("--reward vlm needs --vlm-url and --vlm-model")
-
-    @property
-    def differentiable(self) -> bool:
-        return self.kind in DIFFERENTIABLE
-
-    def _shared_part(self):
-        """The aesthetic scorer, the human chooser or the VLM score cache, made once."""
-        if self._shared is None:
-            if self.kind == "aesthetic":
-                if not self.args.aesthetic_head:
-                    raise ValueError("reward 'aesthetic:PATH' needs --aesthetic-head FILE (the MLP weights)")
-                self._shared = rewards.AestheticScorer(self.arg, self.args.aesthetic_head, device=self.pipe.device)
-            elif self.kind == "human":
-                port = self.args.human_port + int(os.environ.get("RANK", 0)) if self.args.human_port else 0
-                self._shared = rewards.HumanChoice(mode=self.args.human_mode, port=port)
-            else:
-                self._shared = {}
-        return self._shared
-
-    def __call__(self, prompt: str) -> Callable[[Tensor], Tensor]:
-        key = prompt if self.kind in ("classifier", "vlm") else None
-        if key not in self._cache:
-            self._cache[key] = self._build(prompt)
-        return self._cache[key]
-
-    def _build(self, prompt: str) -> Callable[[Tensor], Tensor]:
-        decode, kind = self.pipe.decode, self.kind
-        if kind == "jpeg-small":
-            return rewards.jpeg_compressibility(decode)
-        if kind == "jpeg-large":
-            return rewards.jpeg_incompressibility(decode)
-        if kind == "brightness":
-            return lambda x0: rewards.brightness(decode(x0).clamp(-1, 1))
-        if kind == "contrast":
-            return lambda x0: rewards.contrast(decode(x0).clamp(-1, 1))
-        if kind == "classifier":
-            from . import toy
-            return toy.classifier_reward(self.pipe, self.arg or prompt)
-        if kind == "aesthetic":
-            return rewards.aesthetic_reward(self._shared_part(), decode)
-        if kind == "human":
-            return self._shared_part().reward(decode)
-        vlm = rewards.VLMReward(self.args.vlm_url, self.args.vlm_model, text=prompt, api_key_env=self.args.vlm_key_env,
-                                concurrency=self.args.vlm_concurrency, cache=self._shared_part())
-        return vlm.reward(decode)
-
-    def final_score(self, reward: Callable, x0: Tensor) -> float | None:
-        """The reward of a finished image (None for human choice: a person is not asked twice)."""
-        if self.kind == "human":
-            return None
-        with torch.no_grad():
-            return float(rewards.check_rewards(reward(x0), x0.shape[0], self.kind)[0])
 
 
 # --- methods: fn(pipe, model, x_T, reward, generator, args, log) -> (x0 [1, ...], nfe per image) ----
@@ -203,7 +67,7 @@ def run_best_of_n(pipe, model, x_T, reward, generator, args, log):
     x = torch.cat([x_T, pipe.get_init_latent(args.n - 1, generator)]) if args.n > 1 else x_T
     candidates, calls = _odeint_counted(model, x, pipe.sigmas(args.steps), args.sampler)
     with torch.no_grad():
-        scores = rewards.check_rewards(reward(candidates), args.n, "reward")
+        scores = check_rewards(reward(candidates), args.n, "reward")
     log({"step": 0, "rewards": scores.tolist()})
     best = int(scores.argmax())
     return candidates[best:best + 1], args.n * calls
@@ -211,7 +75,6 @@ def run_best_of_n(pipe, model, x_T, reward, generator, args, log):
 
 def run_demon(pipe, model, x_T, reward, generator, args, log):
     """Sampling Demon (``align.demon.sample_demon``), logging the K rewards and weights of every step."""
-    from .align.demon import cli_beta, sample_demon
 
     def callback(info):
         if "reward" in info:
@@ -229,7 +92,6 @@ def run_demon(pipe, model, x_T, reward, generator, args, log):
 
 def run_smc(pipe, model, x_T, reward, generator, args, log, differentiable: bool = True):
     """Tempered SMC (``align.smc.sample_smc``) with ``--particles`` particles; one particle drawn by weight is kept."""
-    from .align.smc import sample_smc
     proposal = args.proposal if args.proposal != "auto" else ("guided" if differentiable else "prior")
     x = torch.cat([x_T, pipe.get_init_latent(args.particles - 1, generator)]) if args.particles > 1 else x_T
 
@@ -522,7 +384,7 @@ def cli_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m kdiff_align.generate``: the same as ``kdiff-align generate``."""
+    """``python -m kdiff_align.apps.generate``: the same as ``kdiff-align generate``."""
     parser = cliargs.Parser(prog="kdiff-align generate", description=cliargs.plain(__doc__),
                             formatter_class=cliargs.Formatter)
     add_arguments(parser)

@@ -9,9 +9,7 @@ answers) are retried with exponential backoff (honouring ``Retry-After``); past 
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import logging
 import math
@@ -25,6 +23,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 from tqdm.auto import tqdm
+
+from .base import image_data_url, pil_reward
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +84,6 @@ def retry_after_seconds(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
-
-
-def image_data_url(image: Image.Image) -> str:
-    """A PIL image as a ``data:image/png;base64,...`` URL."""
-    buffer = io.BytesIO()
-    image.convert(image.mode if image.mode in ("L", "RGB", "RGBA") else "RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def image_hash(image: Image.Image) -> str:
@@ -276,6 +269,5 @@ class VLMReward:
 
     def reward(self, decode: Callable | None = None) -> Callable:
         """This VLM as ``reward(x0) -> Tensor[B]`` (decoding latents with ``decode``)."""
-        from .rewards import pil_reward
 
         return pil_reward(self, decode)

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
-from .vlm import image_data_url
+from .base import image_data_url, pil_reward
 
 MODES = ("best", "rank")
 
@@ -214,7 +214,6 @@ class HumanChoice:
 
     def reward(self, decode: Callable | None = None) -> Callable:
         """This chooser as ``reward(x0) -> Tensor[B]`` (decoding latents with ``decode``)."""
-        from .rewards import pil_reward
 
         return pil_reward(self, decode)
 

@@ -15,9 +15,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import image, schedules
-from .external import FlowDenoiser
-from .pipeline import Pipeline, _tokens
+from .. import image, schedules
+from ..external import FlowDenoiser
+from .pipeline import Pipeline
+from .sd import tokenize
 
 _FILES = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json",
           "text_encoder": "config.json", "tokenizer": "tokenizer_config.json", "text_encoder_2": "config.json",
@@ -88,7 +89,7 @@ def sd3_prompt_encoder(clip_encoders: list, clip_tokenizers: list, t5_encoder, t
     def encode(prompts: list[str]) -> dict:
         hidden, pooled = [], []
         for text_encoder, tokenizer in zip(clip_encoders, clip_tokenizers):
-            out = text_encoder(_tokens(tokenizer, prompts, text_encoder.device), output_hidden_states=True)
+            out = text_encoder(tokenize(tokenizer, prompts, text_encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(hidden, dim=-1)

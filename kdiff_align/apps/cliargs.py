@@ -320,7 +320,7 @@ def add_reward_arguments(p, default: str = "jpeg-small") -> None:
 
 def add_demon_arguments(p, prefix: str = "") -> None:
     """Sampling Demon's settings (``prefix``: e.g. ``"demon: "`` where other methods share the parser)."""
-    from .align.demon import DEMON_TYPES, R_OF_C
+    from ..align.demon import DEMON_TYPES, R_OF_C
     p.add_argument("--K", type=positive_int, default=8, help=prefix + "candidate noises per step")
     p.add_argument("--beta", type=beta, default="auto",
                    help=prefix + "beta of the Karras SDE; auto = min(0.1, 1/largest sigma step), which keeps "
@@ -351,10 +351,10 @@ def check_reward_options(spec: str, model: str, args) -> None:
 def class_names(model: str) -> list[str] | None:
     """The prompts a toy model understands (None for a diffusers folder: any text)."""
     if model == "toy:mixture":
-        from .generate import MIXTURE_CLASSES
+        from ..models.mixture import MIXTURE_CLASSES
         return list(MIXTURE_CLASSES)
     if model.startswith("toy:"):
-        from .toy import MODELS
+        from ..models.toy import MODELS
         return list(MODELS[model[4:]][3])
     return None
 

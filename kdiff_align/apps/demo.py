@@ -28,9 +28,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import rewards, sampling, toy
-from .testing import CountingDenoiser
-from .utils import nfe_summary
+from .. import rewards, sampling
+from ..align.demon import sample_demon
+from ..align.newton import Mask, linear_residual, sample_constrained
+from ..align.smc import sample_smc
+from ..models import toy
+from ..testing import CountingDenoiser
+from ..utils import nfe_summary
 
 CLASS_NAME = "bag"
 
@@ -66,7 +70,6 @@ def best_of_n(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int 
 
 def demon(pipe, x_T: Tensor, reward, generator, disable, steps: int, K: int = 4) -> tuple[Tensor, float]:
     """Sampling Demon (tanh, adaptive τ, one-step x̂₀ look-ahead, K candidates per step)."""
-    from .align.demon import sample_demon
     model, sigmas = unconditional(pipe), pipe.sigmas(steps)
     beta = min(0.1, 1 / float((sigmas[:-2] - sigmas[1:-1]).max()))  # β·|Δσ| ≤ 1 keeps the β-SDE step accurate
     x0 = sample_demon(model, x_T, sigmas, reward, K=K, beta=beta, generator=generator, disable=disable)
@@ -76,7 +79,6 @@ def demon(pipe, x_T: Tensor, reward, generator, disable, steps: int, K: int = 4)
 def smc_steering(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int = 4,
                  alpha: float = 0.1) -> tuple[Tensor, float]:
     """SMC / FK steering (gradient-free prior proposal, tempered twist): N particles, one drawn by weight."""
-    from .align.smc import sample_smc
     model = unconditional(pipe)
     extra = torch.randn(x_T.shape[0], n - 1, *x_T.shape[1:], generator=generator, dtype=x_T.dtype) * pipe.init_sigma
     x = torch.cat([x_T[:, None], extra.to(x_T.device)], 1)
@@ -91,7 +93,6 @@ def newton_inpainting(pipe, x_T: Tensor, generator, disable, steps: int, n_iter:
 
     Returns the completions, the NFE per image and the constraint ``{"known": [B, ...], "mask": [1, 1, H, W]}``.
     """
-    from .align.newton import Mask, linear_residual, sample_constrained
     model, b = CountingDenoiser(pipe.denoiser), x_T.shape[0]
     labels = lambda c: {"class_labels": torch.full((b,), c, dtype=torch.long, device=x_T.device)}
     noise = torch.randn(x_T.shape, generator=generator, dtype=x_T.dtype).to(x_T.device) * pipe.init_sigma

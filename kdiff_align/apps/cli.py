@@ -8,14 +8,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import cliargs
+import torch
+
+from . import arena, cliargs, demon, generate
+from . import demo as main_job
 
 
 def demo(args) -> int:
-    """kdiff-align demo: the main job of kdiff_align.demo (grids, reward-vs-NFE plot, table)."""
-    import torch
-
-    from . import demo as main_job
+    """kdiff-align demo: the main job of kdiff_align.apps.demo (grids, reward-vs-NFE plot, table)."""
     torch.set_num_threads(args.threads)
     results = main_job.run(args.out, quick=args.quick, disable=args.no_progress or None)
     main_job.print_table(results)
@@ -44,11 +44,8 @@ def parser() -> cliargs.Parser:
     top.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = top.add_subparsers(dest="command", required=True)
     add_demo(sub)
-    from .align import demon
     demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
-    from . import generate
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
-    from .apps import arena
     arena.add_cli(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
     return top
 

@@ -1,105 +1,19 @@
-"""Rewards: ``reward(x0: Tensor[B, ...]) -> Tensor[B]``, higher is better.
+"""CLIP rewards from local weights (transformers; no torchvision, no open_clip): PickScore, CLIP score, aesthetic.
 
-Image rewards written for PIL images are adapted by ``pil_reward``, which decodes x̂₀ once per call.
-Non-differentiable rewards (JPEG size, a VLM, a person) are fine for Demon and FK steering.
+``CLIPScorer`` preprocesses ``[B, 3, H, W]`` tensors in [-1, 1] differentiably, as ``CLIPImageProcessor``
+does on PIL images; the ``*_reward`` functions turn a scorer into ``reward(x0) -> Tensor[B]``.
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from .image import from_pil, to_pil
+from .base import latent_reward
 
-
-def check_rewards(values, batch: int, name: str = "reward", *, per_item: int = 1, terms: str | None = None,
-                  keep_graph: bool = False) -> Tensor:
-    """The reward contract of every method: one real value per row, a ``Tensor[batch·per_item]``.
-
-    NaN and +inf fail; −inf is allowed and marks a rejected sample (zero weight in SMC, the lowest weight in
-    Demon, never picked by best-of-N unless every candidate is rejected). Lists, ``[rows, 1]`` and other
-    shapes fail with a message in the caller's terms.
-
-    Args:
-        batch: the user's batch size B (images, prompts or groups).
-        per_item: rows per batch item (Demon's K candidates, SMC's N particles); rows = batch·per_item.
-        terms: how the rows read to the user, e.g. ``"2 images x 4 candidates"`` (default ``"a batch of B"``).
-        keep_graph: return the tensor itself (autograd graph kept) instead of a detached float64 copy.
-    """
-    rows = batch * per_item
-    terms = terms or f"a batch of {rows}"
-    expected = f"a torch.Tensor of shape [{rows}] (one value per row: {terms})"
-    if not isinstance(values, Tensor):
-        raise TypeError(f"{name} must return {expected}, got {type(values).__name__}")
-    if values.shape != (rows,):
-        hint = "; drop the trailing dimension (e.g. .squeeze(-1))" if values.numel() == rows else ""
-        raise ValueError(f"{name} returned {values.numel()} values of shape {tuple(values.shape)} for {terms}; "
-                         f"expected shape [{rows}]{hint}")
-    if values.is_complex():
-        raise TypeError(f"{name} must return real numbers, got dtype {values.dtype}")
-    bad = torch.isnan(values) | (values == math.inf)
-    if bad.any():
-        raise ValueError(f"{name} returned NaN or +inf for {terms} at rows {torch.nonzero(bad).flatten().tolist()[:10]}"
-                         " (-inf is allowed: it rejects a sample)")
-    return values if keep_graph else values.detach().to(torch.float64)
-
-
-def check_reward_tensor(r: Tensor, batch: int, name: str = "reward") -> Tensor:
-    """``check_rewards`` keeping the autograd graph (for differentiable rewards)."""
-    return check_rewards(r, batch, name, keep_graph=True)
-
-
-def pil_reward(fn: Callable[[list[Image.Image]], Sequence[float]], decode: Callable | None = None) -> Callable:
-    """Adapt ``fn(pils) -> list[float]`` to ``reward(x0) -> Tensor[B]`` (decoding latents with ``decode``)."""
-
-    def reward(x0: Tensor) -> Tensor:
-        with torch.no_grad():
-            images = to_pil((decode(x0) if decode is not None else x0).clamp(-1, 1))
-        values = torch.as_tensor(fn(images), dtype=torch.float64)  # fn gives one float per PIL image
-        return check_rewards(values, x0.shape[0], getattr(fn, "__name__", "reward"), terms=f"{len(images)} images")\
-            .to(x0.device)
-
-    return reward
-
-
-def jpeg_size_kb(images: Sequence[Image.Image], quality: int = 95) -> list[float]:
-    """Size in kB of each image saved as JPEG at ``quality`` (non-differentiable)."""
-    sizes = []
-    for im in images:
-        buffer = io.BytesIO()
-        im.convert("RGB" if im.mode not in ("L", "RGB") else im.mode).save(buffer, format="JPEG", quality=quality)
-        sizes.append(buffer.tell() / 1000)
-    return sizes
-
-
-def jpeg_compressibility(decode: Callable | None = None, quality: int = 95) -> Callable:
-    """Reward = −JPEG size in kB (smaller files score higher; DDPO's compressibility task)."""
-    return pil_reward(lambda pils: [-s for s in jpeg_size_kb(pils, quality)], decode)
-
-
-def jpeg_incompressibility(decode: Callable | None = None, quality: int = 95) -> Callable:
-    """Reward = JPEG size in kB (busier images score higher)."""
-    return pil_reward(lambda pils: jpeg_size_kb(pils, quality), decode)
-
-
-def brightness(x0: Tensor) -> Tensor:
-    """Mean pixel value of images in [-1, 1] (differentiable)."""
-    return x0.flatten(1).mean(1)
-
-
-def contrast(x0: Tensor) -> Tensor:
-    """Per-image pixel standard deviation (differentiable)."""
-    return x0.flatten(1).std(1) if x0[0].numel() > 1 else torch.zeros(x0.shape[0], device=x0.device)
-
-
-
-# --- CLIP rewards from local weights (transformers; no torchvision, no open_clip) ------------------
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -228,15 +142,6 @@ class AestheticScorer(torch.nn.Module):
         return self.head(self.clip.image_embeds(images)).squeeze(-1)
 
 
-def latent_reward(score: Callable[[Tensor], Tensor], decode: Callable | None = None, name: str = "reward") -> Callable:
-    """``reward(x0) = score(decode(x0))``, differentiable when ``decode`` and ``score`` are; checked output."""
-
-    def reward(x0: Tensor) -> Tensor:
-        return check_reward_tensor(score(decode(x0) if decode is not None else x0), x0.shape[0], name)
-
-    return reward
-
-
 def aesthetic_reward(scorer: AestheticScorer, decode: Callable | None = None) -> Callable:
     """Aesthetic score of x̂₀ (latents decoded by ``decode``, e.g. ``pipe.decode``), ``[B]``."""
     return latent_reward(scorer, decode, "aesthetic_reward")
@@ -250,18 +155,3 @@ def pickscore_reward(scorer: CLIPScorer, prompts: str | Sequence[str], decode: C
 def clip_score_reward(scorer: CLIPScorer, prompts: str | Sequence[str], decode: Callable | None = None) -> Callable:
     """CLIP-score reward of x̂₀ for ``prompts`` (one, or one per batch item)."""
     return latent_reward(lambda images: clip_score(scorer, images, prompts), decode, "clip_score_reward")
-
-
-def on_pils(score: Callable[[Tensor], Tensor], device="cpu") -> Callable[[list[Image.Image]], list[float]]:
-    """Adapt a tensor score to ``rewards(pils) -> list[float]`` (for ``DemonGenerator``-style subclasses)."""
-
-    def rewards(pils: Sequence[Image.Image]) -> list[float]:
-        with torch.no_grad():
-            images = from_pil([p.convert("RGB") for p in pils], device=device)
-            return check_rewards(score(images), len(pils), getattr(score, "__name__", "reward")).tolist()
-
-    return rewards
-
-
-from .vlm import VLMError, VLMReward  # noqa: E402  (re-exported; vlm imports this module's helpers)
-from .human import HumanChoice, terminal_choice  # noqa: E402
