@@ -31,6 +31,7 @@ import torch
 
 import kdiff_align as ka
 from kdiff_align.align import newton
+from kdiff_align.align.dps import sample_dps
 
 
 def sd_like(seed: int = 0):
@@ -75,8 +76,8 @@ def run_sample(kind: str, model, extra, x_T, sigmas, residual, n_iter: int):
     if kind == "plain":
         return ka.sdeint(model, x_T, sigmas, extra_args=extra, eta=0.16, generator=g, disable=True)
     if kind == "dps":
-        return newton.sample_dps(model, x_T, sigmas, residual, zeta=0.5, eta=0.16, extra_args=extra, generator=g,
-                                 disable=True)
+        return sample_dps(model, x_T, sigmas, residual, zeta=0.5, eta=0.16, extra_args=extra, generator=g,
+                          disable=True)
     return newton.sample_constrained(model, x_T, sigmas, residual, n_iter=n_iter, eta=0.16, extra_args=extra,
                                      generator=g, disable=True)
 
@@ -209,8 +210,8 @@ def run_method(method, value, pipe, task, steps, seed):
     x_T = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * pipe.sigma_max
     sigmas, g = pipe.sigmas(steps), torch.Generator().manual_seed(seed + 1)
     if method == "DPS":
-        x0, info = newton.sample_dps(pipe.denoiser, x_T, sigmas, residual, zeta=value, extra_args=extra, generator=g,
-                                     disable=True, return_info=True)
+        x0, info = sample_dps(pipe.denoiser, x_T, sigmas, residual, zeta=value, extra_args=extra, generator=g,
+                              disable=True, return_info=True)
         nfe = info["nfe"]
     else:
         model = ka.testing.CountingDenoiser(pipe.denoiser)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import kdiff_align as ka
 from kdiff_align.align import newton
+from kdiff_align.align.dps import sample_dps
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
 from kdiff_align.utils import BACKWARD_COST, generators
 
@@ -363,7 +364,7 @@ def test_bad_inputs_fail_early():
     with pytest.raises(TypeError, match="residual"):
         newton.sample_constrained(model, x, ka.get_sigmas_karras(3, 0.1, 1.0), None)
     with pytest.raises(ValueError, match="sampler"):
-        newton.sample_dps(model, x, ka.get_sigmas_karras(3, 0.1, 1.0), lambda x0: x0, sampler="plms")
+        sample_dps(model, x, ka.get_sigmas_karras(3, 0.1, 1.0), lambda x0: x0, sampler="plms")
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -403,8 +404,7 @@ def test_dps_baseline_moves_towards_constraint():
     sigmas = ka.get_sigmas_karras(30, 0.02, 10.0)
     x_T = torch.randn(64, 4, generator=gen(0)) * 10
     res = newton.linear_residual(newton.Mask(mask), y)
-    dps, info = newton.sample_dps(model, x_T, sigmas, res, zeta=0.3, step_space="ve", generator=gen(1),
-                                  return_info=True)
+    dps, info = sample_dps(model, x_T, sigmas, res, zeta=0.3, step_space="ve", generator=gen(1), return_info=True)
     plain = ka.sdeint(model, x_T, sigmas, eta=1.0, generator=gen(1))
     assert info["nfe"] == dict(forward=30, backward=30, total=30 + 30 * BACKWARD_COST)
     err = lambda x: (mask * (x - y)).pow(2).sum(1).sqrt().mean()
@@ -477,8 +477,8 @@ def test_dps_step_is_the_published_update_in_the_vp_scale(op, step_space):
 
     def at_second_step(zeta):
         seen = []
-        newton.sample_dps(model, x_T, sigmas, res, zeta=zeta, step_space=step_space, generator=gen(2), disable=True,
-                          callback=lambda info: seen.append(info["x"]))
+        sample_dps(model, x_T, sigmas, res, zeta=zeta, step_space=step_space, generator=gen(2), disable=True,
+                   callback=lambda info: seen.append(info["x"]))
         return seen[1]
 
     k = 0.25 / (0.25 + 400.0)

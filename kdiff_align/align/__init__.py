@@ -1,2 +1,2 @@
-"""Inference-time alignment methods built on the core: Sampling Demon, SMC tempering, inexact Newton, guidance, search."""
-from . import demon, guidance, newton, resampling, search, smc
+"""Inference-time alignment methods on the core: Sampling Demon, SMC, inexact Newton, DPS, guidance, search."""
+from . import demon, dps, guidance, newton, resampling, search, smc

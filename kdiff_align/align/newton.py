@@ -5,7 +5,7 @@ arXiv 2410.18804). To push the denoised estimate x̂₀ = D(x, σ) towards a con
 along J·e, where J = ∂D/∂x and e is the error direction in x̂₀ space (e = Aᵀ(y − A x̂₀) for a linear
 measurement, −∇L for a loss). J·e is one finite-difference JVP, i.e. one extra forward pass; the step is
 normalised to a per-sample ∞-norm λ with λ decaying over the inner iterations (0.5 → 0.1 in the
-reference). DPS (Chung et al. 2023) uses Jᵀe instead, a backward pass through the network.
+reference). DPS (Chung et al. 2023; ``align.dps``) uses Jᵀe instead, a backward pass through the network.
 
 A ``residual`` is any callable ``residual(x0_hat) -> e`` of the same shape; ``linear_residual``,
 ``loss_residual`` and ``vae_residual`` build them from operators (``Mask``, ``Downsample``) and losses
@@ -23,7 +23,7 @@ from tqdm.auto import trange
 from ..cond import cat_kwargs
 from ..sampling import ode_step, sde_step
 from ..sampling.multistep import MultistepSolver
-from ..utils import Generator, append_dims, as_sigma, check_finite, check_sigmas, nfe_summary
+from ..utils import Generator, append_dims, as_sigma, check_finite, check_sigmas
 
 JVP_METHODS = ("fd", "central", "forward_ad")
 DIRECTIONS = ("J", "JT", "Jinv")
@@ -35,7 +35,8 @@ MULTISTEP_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "deis", "lms", "ipndm")
 SAMPLERS = ("ddim", "euler", "heun") + MULTISTEP_SAMPLERS
 
 
-def _check_choice(value: str, allowed: Sequence[str], name: str) -> str:
+def check_choice(value: str, allowed: Sequence[str], name: str) -> str:
+    """``value`` if it is one of ``allowed``, else a ValueError naming the argument ``name``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value
@@ -58,7 +59,7 @@ def rms(v: Tensor) -> Tensor:
 
 def normalize_step(g: Tensor, normalize: str = "inf") -> Tensor:
     """Scale each sample of g to unit ∞-norm (``"inf"``) or unit RMS (``"l2"``); a zero sample stays zero."""
-    _check_choice(normalize, NORMALIZE, "normalize")
+    check_choice(normalize, NORMALIZE, "normalize")
     if normalize == "none":
         return g
     norm = inf_norm(g) if normalize == "inf" else rms(g)
@@ -91,8 +92,8 @@ def jvp(model, x: Tensor, sigma, v: Tensor, *, method: str = "fd", h=5e-3, h_mod
     Returns:
         ``(Jv, denoised)``. A sample with v = 0 gets Jv = 0.
     """
-    _check_choice(method, JVP_METHODS, "method")
-    _check_choice(h_mode, ("inf", "abs"), "h_mode")
+    check_choice(method, JVP_METHODS, "method")
+    check_choice(h_mode, ("inf", "abs"), "h_mode")
     if v.shape != x.shape:
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
     extra_args = {} if extra_args is None else extra_args
@@ -178,7 +179,7 @@ class Downsample:
     def __init__(self, factor: int, kernel: str = "avg", antialias: bool = True):
         if int(factor) != factor or factor < 1:
             raise ValueError(f"factor must be a positive integer, got {factor}")
-        self.factor, self.kernel = int(factor), _check_choice(kernel, ("avg", "bicubic"), "kernel")
+        self.factor, self.kernel = int(factor), check_choice(kernel, ("avg", "bicubic"), "kernel")
         self.antialias = antialias
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -267,7 +268,7 @@ def vae_residual(op, y: Tensor, decode: Callable, encode: Callable, *, mode: str
             e = J_Decᵀ Aᵀ(y − A Dec(ẑ₀)) by autograd through the decoder.
         encode: a deterministic encoder (the posterior mean, not a sample).
     """
-    _check_choice(mode, ("encoder_fd", "backprop"), "mode")
+    check_choice(mode, ("encoder_fd", "backprop"), "mode")
     if mode == "backprop":
         return loss_residual(lambda x: 0.5 * (y.to(x) - op(x)).pow(2).flatten(1).sum(1), decode=decode)
 
@@ -319,7 +320,8 @@ def _cg(matvec: Callable[[Tensor], Tensor], e: Tensor, iters: int) -> Tensor:
     return g
 
 
-def _check_residual(e, x0: Tensor) -> Tensor:
+def check_residual(e, x0: Tensor) -> Tensor:
+    """What ``residual(x0_hat)`` returned, checked: a finite tensor of x̂₀'s shape."""
     if not isinstance(e, Tensor) or e.shape != x0.shape:
         raise ValueError(f"residual(x0_hat) must return a tensor of shape {tuple(x0.shape)}, "
                          f"got {getattr(e, 'shape', type(e).__name__)}")
@@ -352,9 +354,9 @@ def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *
         ``(x, denoised)`` with denoised = D(x, σ) at the returned x, or ``(x, denoised, info)`` where info
         has ``residual`` ``[B, K + 1]`` (RMS of e before each iteration and at the end), ``nfe`` and ``lr``.
     """
-    _check_choice(direction, DIRECTIONS, "direction")
-    _check_choice(step_space, STEP_SPACES, "step_space")
-    _check_choice(normalize, NORMALIZE, "normalize")
+    check_choice(direction, DIRECTIONS, "direction")
+    check_choice(step_space, STEP_SPACES, "step_space")
+    check_choice(normalize, NORMALIZE, "normalize")
     if int(n_iter) != n_iter or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter}")
     if not callable(residual):
@@ -367,7 +369,7 @@ def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *
     scale = (1 + sigma**2).sqrt() if step_space == "vp" else torch.ones_like(sigma)
     lrs, history = lr_schedule(lr, n_iter, float(sigma.max())), []
     for k in range(n_iter):
-        e = _check_residual(residual(denoised), denoised)
+        e = check_residual(residual(denoised), denoised)
         history.append(rms(e))
         active = history[-1] > tol if tol is not None else torch.ones_like(sigma, dtype=torch.bool)
         if not active.any():
@@ -391,11 +393,12 @@ def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *
         denoised, nfe = model(x, sigma, **extra_args), nfe + 1
     if not return_info:
         return x, denoised
-    history.append(rms(_check_residual(residual(denoised), denoised)))
+    history.append(rms(check_residual(residual(denoised), denoised)))
     return x, denoised, {"residual": torch.stack(history, 1), "nfe": nfe, "lr": lrs[:len(history) - 1]}
 
 
-def _in_window(window, sigma: float) -> bool:
+def in_window(window, sigma: float) -> bool:
+    """Whether the constraint acts at ``sigma``: ``window`` is None (always), (lo, hi) or a predicate."""
     if window is None:
         return True
     if callable(window):
@@ -404,7 +407,7 @@ def _in_window(window, sigma: float) -> bool:
     return lo <= sigma <= hi
 
 
-def _solver_step(model, x, sigma, sigma_next, denoised, sampler, eta, extra_args, generator, i=0):
+def solver_step(model, x, sigma, sigma_next, denoised, sampler, eta, extra_args, generator, i=0):
     """One update from the (post-constraint) denoised, reusing the core step functions (``sampler`` is
     a name or a ``MultistepSolver`` over the grid)."""
     if isinstance(sampler, MultistepSolver):
@@ -415,14 +418,15 @@ def _solver_step(model, x, sigma, sigma_next, denoised, sampler, eta, extra_args
     return ode_step(model, x, sigma, sigma_next, extra_args=extra_args, method=sampler, denoised=denoised)[0]
 
 
-def _check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args) -> dict:
+def check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args) -> dict:
+    """The shared argument checks of ``sample_constrained`` and ``dps.sample_dps``; returns ``extra_args`` or {}."""
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
     if not callable(residual):
         raise TypeError(f"residual must be a callable x0_hat -> e, got {type(residual).__name__}")
     check_finite(x, "x")
     check_sigmas(sigmas, decreasing=True)
-    _check_choice(sampler, SAMPLERS, "sampler")
+    check_choice(sampler, SAMPLERS, "sampler")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     return {} if extra_args is None else extra_args
@@ -453,14 +457,14 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         x, or ``(x, info)`` with ``info["residual"]`` ``[B, steps]`` (RMS of e after each step's
         constraint, NaN outside the window) and ``info["nfe"]``.
     """
-    extra_args = _check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
+    extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
     nfe, history = 0, []
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = as_sigma(sigmas[i], x)
         denoised, nfe = model(x, sigma, **extra_args), nfe + 1
         res = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
-        if _in_window(window, float(sigmas[i])):
+        if in_window(window, float(sigmas[i])):
             x, denoised, info = newton_step(
                 model, x, sigma, residual, n_iter=n_iter, lr=lr, h=h, normalize=normalize, direction=direction,
                 step_space=step_space, tol=tol, jvp_method=jvp_method, cg_iters=cg_iters, extra_args=extra_args,
@@ -469,66 +473,6 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         history.append(res)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = _solver_step(model, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
+        x = solver_step(model, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
         nfe += (sampler == "heun") and bool(sigmas[i + 1] > 0)
     return (x, {"residual": torch.stack(history, 1), "nfe": nfe}) if return_info else x
-
-
-def _dps_norm(residual, denoised: Tensor, e: Tensor) -> Tensor:
-    """‖y − A x̂₀‖ per sample when the residual knows its measurement (``LinearResidual``), else ‖e‖."""
-    r = residual.measurement(denoised) if hasattr(residual, "measurement") else e
-    return r.flatten(1).norm(dim=1).clamp_min(torch.finfo(e.dtype).tiny)
-
-
-@torch.no_grad()
-def sample_dps(model, x: Tensor, sigmas: Tensor, residual: Callable[[Tensor], Tensor], *, zeta: float = 0.5,
-               step_space: str = "vp", sampler: str = "ddim", eta: float = 1.0, window=None,
-               extra_args: dict | None = None, callback: Callable | None = None, disable: bool | None = None,
-               generator: Generator = None, return_info: bool = False):
-    """Diffusion posterior sampling (Chung et al. 2023) with the same interface as ``sample_constrained``.
-
-    Each step in the window runs D(x) with autograd and one backward pass through the network, and after
-    the solver step moves x by −ζ_i·∇‖y − A D(x)‖ with Jᵀe = −∇_x ½‖y − A D(x)‖² for e = Aᵀ(y − A x̂₀).
-
-    Args:
-        zeta: DPS's step ζ (published: 0.5 for inpainting, 0.3 for 4× super-resolution).
-        step_space: ``"vp"`` is the published parametrisation: x_{i−1} = x′_{i−1} − ζ_i∇_{x_t}‖y − A x̂₀‖ in
-            the VP/DDPM scale x_t = x/√(1+σ²), with ζ_i = ζ/‖y − A x̂₀‖ on the squared loss; in our x that
-            is x′ + ζ·√(1+σ′²)·√(1+σ²)·Jᵀe/‖y − A x̂₀‖ (the norm from ``residual.measurement`` when the
-            residual is a ``LinearResidual``, else ‖e‖). ``"ve"`` is the former VE-unit step
-            x′ + ζ·Jᵀe/‖e‖ (ζ not comparable with the published values).
-
-    ``info["nfe"]`` follows the NFE rule (``utils.nfe_summary``): forward and backward evaluations per
-    sample and their total in forward equivalents.
-    """
-    extra_args = _check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
-    _check_choice(step_space, STEP_SPACES, "step_space")
-    stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
-    nfe, backward, history = 0, 0, []
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma = as_sigma(sigmas[i], x)
-        active = _in_window(window, float(sigmas[i]))
-        with torch.enable_grad():
-            x_ = x.detach().requires_grad_(active)
-            denoised_graph = model(x_, sigma, **extra_args)
-            denoised = denoised_graph.detach()
-            e = _check_residual(residual(denoised), denoised)
-            if active:
-                (grad,) = torch.autograd.grad(denoised_graph, x_, grad_outputs=e)
-                backward += 1
-            del denoised_graph
-        nfe += 1
-        history.append(rms(e))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = _solver_step(model, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
-        nfe += (sampler == "heun") and bool(sigmas[i + 1] > 0)
-        if active and sigmas[i + 1] > 0:
-            if step_space == "vp":  # ∇ in x_t = x/√(1+σ²) units, applied to x′_t/√(1+σ′²)
-                scale = float((1 + sigmas[i] ** 2).sqrt() * (1 + sigmas[i + 1] ** 2).sqrt())
-                norm = _dps_norm(residual, denoised, e)
-            else:
-                scale, norm = 1.0, e.flatten(1).norm(dim=1).clamp_min(torch.finfo(e.dtype).tiny)
-            x = x + zeta * scale * grad / append_dims(norm, x.ndim)
-    info = {"residual": torch.stack(history, 1), "nfe": nfe_summary(nfe, backward)}
-    return (x, info) if return_info else x

@@ -16,7 +16,8 @@ from .reward_specs import RewardFactory, reward_label
 def cli_beta(beta, sigmas: Tensor, ode_after: float | None) -> float:
     """The command line's β: a number as given, or ``"auto"`` = min(0.1, 1/largest Δσ of the Demon steps).
 
-    ``auto`` keeps β·|Δσ| ≤ 1 on every Demon step, where the Heun β-SDE step is accurate (``_warn_coarse``).
+    ``auto`` keeps β·|Δσ| ≤ 1 on every Demon step, where the Heun β-SDE step is accurate (``sample_demon`` warns
+    above it).
     """
     if beta != "auto":
         return float(beta)
