@@ -181,4 +181,3 @@ def from_pretrained(root, torch_dtype: torch.dtype = torch.float32, device="cpu"
     for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"):
         setattr(pipe, name, parts[name])
     return pipe
-

@@ -69,7 +69,6 @@ def pil_reward(fn: Callable[[list[Image.Image]], Sequence[float]], decode: Calla
     return reward
 
 
-
 def latent_reward(score: Callable[[Tensor], Tensor], decode: Callable | None = None, name: str = "reward") -> Callable:
     """``reward(x0) = score(decode(x0))``, differentiable when ``decode`` and ``score`` are; checked output."""
 
@@ -77,7 +76,6 @@ def latent_reward(score: Callable[[Tensor], Tensor], decode: Callable | None = N
         return check_reward_tensor(score(decode(x0) if decode is not None else x0), x0.shape[0], name)
 
     return reward
-
 
 
 def on_pils(score: Callable[[Tensor], Tensor], device="cpu") -> Callable[[list[Image.Image]], list[float]]:

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from .base import latent_reward
 
-
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
