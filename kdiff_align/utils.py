@@ -1,6 +1,8 @@
-"""Small helpers shared by the samplers: shapes, derivatives, input checks and per-item noise."""
+"""Small helpers shared by the samplers: shapes, derivatives, input checks, per-item noise, atomic files."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -136,3 +138,19 @@ def check_finite(x: Tensor, name: str = "x") -> Tensor:
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"{name} contains {bad} NaN or infinite values")
     return x
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` by ``write(tmp)`` on a temporary file beside it, then an atomic rename.
+
+    Readers see the old file or the new one, never a partial one; the temporary file
+    (``.<name>.<pid>.tmp``) is removed if ``write`` or the rename fails.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

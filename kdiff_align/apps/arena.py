@@ -42,6 +42,7 @@ from ..align.demon import DEMON_TYPES, demon_steps, rollout_steps, sample_demon
 from ..align.smc import sample_smc, tempering_schedule
 from ..models import toy
 from ..testing import CountingDenoiser
+from ..utils import atomic_write
 
 CLASS_NAME = "bag"
 BUDGETS = (40, 80, 160, 320)
@@ -460,12 +461,6 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("logit", 
 
 # ------------------------------------------------------------------------------------------ outputs
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str, seed: int) -> str:
     """The arena table: one section per reward, one line per method and budget."""
     lines = [f"# Arena: {images} images per cell, solver `{sampler}`, seed {seed}", "",
@@ -507,7 +502,7 @@ def save_pareto(rows: list[dict], path: Path) -> None:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=7, title="marker size ∝ log budget")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
 
 
@@ -526,7 +521,7 @@ def save_grid(images: dict[str, tuple[Tensor, Tensor]], path: Path, title: str) 
                        ha="right", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 
@@ -536,9 +531,9 @@ def write_outputs(out: Path, rows: list[dict], details: list[dict], grids: dict,
     import matplotlib
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "arena.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
+    atomic_write(out / "arena.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
     text = markdown(rows, details, images=images, sampler=sampler, seed=seed)
-    _atomic_write(out / "arena.md", lambda tmp: tmp.write_text(text))
+    atomic_write(out / "arena.md", lambda tmp: tmp.write_text(text))
     if rows:
         save_pareto(rows, out / "pareto.png")
     for name, by_reward in grids.items():

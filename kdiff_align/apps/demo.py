@@ -34,7 +34,7 @@ from ..align.newton import Mask, linear_residual, sample_constrained
 from ..align.smc import sample_smc
 from ..models import toy
 from ..testing import CountingDenoiser
-from ..utils import nfe_summary
+from ..utils import atomic_write, nfe_summary
 
 CLASS_NAME = "bag"
 
@@ -134,13 +134,6 @@ def demo_rewards(pipe) -> dict[str, Callable]:
     }
 
 
-def _save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure to ``path`` atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
-
-
 def save_grid(images: dict[str, Tensor], scores: dict[str, Tensor], path: Path, title: str) -> None:
     """One row of images per reward, each titled with its reward value."""
     import matplotlib.pyplot as plt
@@ -156,7 +149,7 @@ def save_grid(images: dict[str, Tensor], scores: dict[str, Tensor], path: Path, 
                        fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -180,7 +173,7 @@ def save_constraint_grid(known: Tensor, mask: Tensor, x0: Tensor, scores: dict[s
                           ha="right", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -200,7 +193,7 @@ def save_plot(results: list[dict], path: Path) -> None:
         ax.set(xlabel="network evaluations per image", ylabel=name, title=name)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -237,9 +230,7 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
                              f"{method}: constrained baseline, {steps} steps\n"
                              "ignores the reward (scored for reference)")
     save_plot(results, out / "reward_vs_nfe.png")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "results.json")
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     return results
 
 

@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..utils import atomic_write
+
 SECRET_WORDS = {"key", "keys", "apikey", "token", "tokens", "secret", "secrets", "password", "passwd", "pwd",
                 "passphrase", "credential", "credentials", "auth", "authorization", "cookie", "bearer"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -113,12 +115,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, and move it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def _remove_dead_temporaries(directory: Path) -> None:
@@ -282,8 +286,6 @@ def plot_steps(experiment: Experiment, path: str | os.PathLike | None = None, ke
     ax.set_ylabel(key)
     fig.tight_layout()
     path = Path(path) if path is not None else experiment.directory / f"{key}.png"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

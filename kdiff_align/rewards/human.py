@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
+from ..utils import atomic_write
 from .base import image_data_url, pil_reward
 
 MODES = ("best", "rank")
@@ -238,10 +239,7 @@ def save_grid(images: Sequence[Image.Image], path: str | os.PathLike, cell: int 
         grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (i * cell, 18))
         draw.text((i * cell + cell // 2 - 4, 3), str(i), fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def terminal_choice(images: Sequence[Image.Image], *, mode: str = "best", grid_path: str | os.PathLike | None = None,

@@ -21,21 +21,11 @@ from torch import Tensor
 from ... import sampling, schedules
 from ...models import from_pretrained, toy
 from ...rewards import check_rewards
+from ...utils import atomic_write
 from .sampler import demon_cost, sample_demon
 
 REFERENCE_GRID = (14.6488, 2e-3)  # (σ_max, σ_min) of the Demon reference's Karras grid for Stable Diffusion
 MODEL_ENV = "KDIFF_ALIGN_MODEL"  # DemonGenerator's default model: a local diffusers folder or toy:NAME
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write ``path`` through a temporary file in the same folder and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _fresh_directory(root: Path, prompt: str) -> Path:
@@ -69,7 +59,7 @@ def plot_rewards(info: dict, path: Path, ylabel: str = "Reward", title: str = ""
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
 
@@ -173,7 +163,7 @@ class DemonGenerator(abc.ABC):
         pils = getattr(self, "_pils", None) or self.pipeline.from_latent_to_pil(info["lookahead"].flatten(0, 1))
         folder.mkdir(exist_ok=True)
         for k, pil in enumerate(pils):
-            _atomic(folder / f"step{info['i']:03d}_k{k:02d}.png", lambda tmp, p=pil: p.save(tmp, format="PNG"))
+            atomic_write(folder / f"step{info['i']:03d}_k{k:02d}.png", lambda tmp, p=pil: p.save(tmp, format="PNG"))
 
     def sigmas(self) -> Tensor:
         """The grid this generator runs on (``T`` Karras points over ``grid``'s σ range, then 0)."""
@@ -205,8 +195,8 @@ class DemonGenerator(abc.ABC):
         folder = _fresh_directory(self.experiment_directory, name)
         config = self.config(prompt)
         self.runs += 1
-        _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
-        _atomic(folder / "INCOMPLETE", lambda tmp: tmp.write_text("this run stopped before it finished\n"))
+        atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        atomic_write(folder / "INCOMPLETE", lambda tmp: tmp.write_text("this run stopped before it finished\n"))
         pipe, guided = self.pipeline, self.pipeline.guided(condition)
         sigmas = self.sigmas()
         generator = torch.Generator(pipe.device).manual_seed(config["run_seed"])
@@ -236,7 +226,7 @@ class DemonGenerator(abc.ABC):
         pils = pils if isinstance(pils, list) else [pils]
         for pil, aliases in zip(pils, names):
             for name in aliases:
-                _atomic(folder / name, lambda tmp, p=pil: p.save(tmp, format="PNG"))
+                atomic_write(folder / name, lambda tmp, p=pil: p.save(tmp, format="PNG"))
         return pils
 
     def _write_plain(self, folder: Path, plain: Tensor) -> dict:
@@ -245,7 +235,7 @@ class DemonGenerator(abc.ABC):
                               f"{type(self).__name__}.rewards").tolist()
         (pil,) = self._save_pngs(folder, plain, [("plain_ode.png", "init.png")])
         result = {"plain_reward": final[0], "grid": [float(self.sigmas()[0]), float(self.sigmas()[-2])]}
-        _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         return {**result, "directory": folder, "plain": pil}
 
     def _write_results(self, folder: Path, plain: Tensor, demon: Tensor, info: dict) -> dict:
@@ -258,17 +248,17 @@ class DemonGenerator(abc.ABC):
         rows = ["step,sigma,mean,std,tau,seconds"] + [
             f"{i},{info['sigma'][i]:.6g},{info['reward_mean'][i, 0]:.6g},{info['reward_std'][i, 0]:.6g},"
             f"{info['tau'][i, 0]:.6g},{info['seconds'][i]:.4f}" for i in steps]
-        _atomic(folder / "rewards.csv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+        atomic_write(folder / "rewards.csv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
         seed_rows = [f"{info['reward_mean'][i, 0]:.6g} {info['reward_std'][i, 0]:.6g} {info['sigma'][i]:.6g} "
                      f"{info['seconds'][i]:.4f}" for i in steps]  # the seed's expected_reward.txt: mean std sigma seconds
-        _atomic(folder / "expected_reward.txt", lambda tmp: tmp.write_text("".join(r + "\n" for r in seed_rows)))
+        atomic_write(folder / "expected_reward.txt", lambda tmp: tmp.write_text("".join(r + "\n" for r in seed_rows)))
         for name in ("rewards.png", "expected_reward.png"):
             plot_rewards(info, folder / name, self.ylabel, f"Demon ({self.demon_type}, K={self.K})")
         sigmas = self.sigmas()
         result = {"plain_reward": final[0], "demon_reward": final[1], "demon_steps": info["demon_steps"],
                   "nfe": info["nfe"], "grid": [float(sigmas[0]), float(sigmas[-2])], "cost": self.cost(),
                   "seconds": float(info["seconds"].sum())}
-        _atomic(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         (folder / "INCOMPLETE").unlink(missing_ok=True)
         return {**result, "directory": folder, "plain": pils[0], "demon": pils[1], "info": info}
 
@@ -305,6 +295,6 @@ def save_comparison(out: dict, path: Path, label: str, title: str) -> Path:
         ax.set_yticks([])
     fig.suptitle(f"{title}; same initial noise", fontsize=9)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
