@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import metrics, rewards, sampling
 from ..align import guidance, search
-from ..align.demon import DEMON_TYPES, demon_steps, rollout_steps, sample_demon
+from ..align.demon import DEMON_TYPES, auto_beta, demon_steps, rollout_steps, sample_demon
 from ..align.smc import sample_smc, tempering_schedule
 from ..models import toy
 from ..testing import CountingDenoiser
@@ -232,8 +232,7 @@ def demon(demon_type: str, lookahead: str):
         if config is None:
             return None
         sigmas, K = config
-        steer = sigmas[:demon_steps(sigmas, ODE_AFTER) + 1]
-        beta = min(0.1, 1 / float((steer[:-1] - steer[1:]).max()))  # β·|Δσ| ≤ 1 keeps the β-SDE step accurate
+        beta = auto_beta(sigmas, ODE_AFTER)  # β·|Δσ| ≤ 1 keeps the β-SDE step accurate
         rollout = None if task.sampler == "heun" else partial(sampling.odeint, method=task.sampler)
         x0 = sample_demon(task.model, task.noise * task.pipe.init_sigma, sigmas, task.reward, K=K, beta=beta,
                           demon_type=demon_type, r_of_c="consistency" if lookahead == "tweedie" else "baseline",
@@ -386,17 +385,6 @@ def _resolve_rewards(pipe, spec, class_name: str, heldout_classifier) -> dict:
     return out
 
 
-def _unconditional(pipe) -> CountingDenoiser:
-    """The null-class denoiser of ``pipe``, counting the rows it evaluates."""
-    null = len(pipe.class_names)
-
-    def model(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
-        labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
-        return pipe.denoiser(x, sigma, class_labels=labels, **kwargs)
-
-    return CountingDenoiser(model)
-
-
 def run_cell(task: Task, name: str, budget: int) -> tuple[Tensor, float, str, float] | None:
     """Run method ``name`` at ``budget``: (x0, counted NFE per image, hyper-parameters, seconds per image)."""
     task.model.rows = 0
@@ -433,7 +421,8 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("logit", 
     for reward_name, (reward, held, alpha, scale) in _resolve_rewards(pipe, rewards, class_name, heldout).items():
         differentiable = is_differentiable(reward, pipe)
         ref = reference_features(pipe, heldout, class_name if reward_name.startswith("logit-") else None)
-        task = Task(pipe, _unconditional(pipe), reward, differentiable, noise, sampler, alpha, scale, seed)
+        model = CountingDenoiser(pipe.null_denoiser())
+        task = Task(pipe, model, reward, differentiable, noise, sampler, alpha, scale, seed)
         for name in names:
             for budget in budgets:
                 cell = run_cell(task, name, budget)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import rewards, sampling
-from ..align.demon import sample_demon
+from ..align.demon import auto_beta, sample_demon
 from ..align.newton import Mask, linear_residual, sample_constrained
 from ..align.smc import sample_smc
 from ..models import toy
@@ -41,13 +41,7 @@ CLASS_NAME = "bag"
 
 def unconditional(pipe) -> CountingDenoiser:
     """The pipeline's null-class denoiser D(x, σ), counting the rows it evaluates."""
-    null = len(pipe.class_names)
-
-    def model(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
-        labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
-        return pipe.denoiser(x, sigma, class_labels=labels, **kwargs)
-
-    return CountingDenoiser(model)
+    return CountingDenoiser(pipe.null_denoiser())
 
 
 def plain(pipe, x_T: Tensor, reward, generator, disable, steps: int) -> tuple[Tensor, float]:
@@ -71,8 +65,7 @@ def best_of_n(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int 
 def demon(pipe, x_T: Tensor, reward, generator, disable, steps: int, K: int = 4) -> tuple[Tensor, float]:
     """Sampling Demon (tanh, adaptive τ, one-step x̂₀ look-ahead, K candidates per step)."""
     model, sigmas = unconditional(pipe), pipe.sigmas(steps)
-    beta = min(0.1, 1 / float((sigmas[:-2] - sigmas[1:-1]).max()))  # β·|Δσ| ≤ 1 keeps the β-SDE step accurate
-    x0 = sample_demon(model, x_T, sigmas, reward, K=K, beta=beta, generator=generator, disable=disable)
+    x0 = sample_demon(model, x_T, sigmas, reward, K=K, beta=auto_beta(sigmas), generator=generator, disable=disable)
     return x0, model.rows / x_T.shape[0]
 
 

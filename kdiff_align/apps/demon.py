@@ -1,31 +1,19 @@
 """``kdiff-align demon``: a plain and a Demon image of one prompt, side by side, with the reward per step."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import sampling
-from ..align.demon import RewardDemon, demon_steps, plot_rewards, save_comparison
+from ..align.demon import RewardDemon, auto_beta, plot_rewards, save_comparison
 from ..models import load_model
 from . import cliargs
 from .reward_specs import RewardFactory, reward_label
 
 
 def cli_beta(beta, sigmas: Tensor, ode_after: float | None) -> float:
-    """The command line's β: a number as given, or ``"auto"`` = min(0.1, 1/largest Δσ of the Demon steps).
-
-    ``auto`` keeps β·|Δσ| ≤ 1 on every Demon step, where the Heun β-SDE step is accurate (``sample_demon`` warns
-    above it).
-    """
-    if beta != "auto":
-        return float(beta)
-    steps = demon_steps(sigmas, ode_after)
-    if steps == 0:
-        return 0.1
-    largest = float((sigmas[:steps] - sigmas[1:steps + 1]).max())
-    return min(0.1, math.nextafter(1 / largest, 0.0))  # rounded down: β·Δσ never exceeds 1 by an ulp
+    """The command line's β: a number as given, or ``"auto"`` = ``align.demon.auto_beta`` (β·|Δσ| ≤ 1, β ≤ 0.1)."""
+    return auto_beta(sigmas, ode_after) if beta == "auto" else float(beta)
 
 
 def add_cli(sub) -> None:

@@ -36,6 +36,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -306,6 +307,16 @@ class ToyPipeline(Pipeline):
             raise ValueError(f"unknown prompt(s) {unknown}; prompts must be '' or one of {self.class_names}")
         labels = [self.class_names.index(p) if p else len(self.class_names) for p in prompts]
         return {"class_labels": torch.tensor(labels, device=self.device)}
+
+    def null_denoiser(self) -> Callable[..., Tensor]:
+        """D(x, σ) of the null class ``""``: the unconditional model (trained by classifier-free dropout)."""
+        null = len(self.class_names)
+
+        def denoise(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+            labels = torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)
+            return self.denoiser(x, sigma, class_labels=labels, **kwargs)
+
+        return denoise
 
 
 def load(name: str, device="cpu") -> ToyPipeline:

@@ -182,6 +182,16 @@ def demon_steps(sigmas: Tensor, ode_after: float | None) -> int:
     return int(steer.cumprod(0).sum())
 
 
+def auto_beta(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> float:
+    """The largest β ≤ ``cap`` with β·|Δσ| ≤ 1 on every Demon step of ``sigmas``, where the Heun β-SDE step
+    is accurate (``sample_demon`` warns above it); ``cap`` when there is no Demon step."""
+    steps = demon_steps(sigmas, ode_after)
+    if steps == 0:
+        return cap
+    largest = float((sigmas[:steps] - sigmas[1:steps + 1]).max())
+    return min(cap, math.nextafter(1 / largest, 0.0))  # rounded down: β·Δσ never exceeds 1 by an ulp
+
+
 def demon_cost(sigmas: Tensor, *, K: int = 16, batch: int = 1, r_of_c: str = "consistency", c_steps: int | None = None,
                ode_after: float | None = 0.11, consistency_model: bool = False) -> dict:
     """The network cost of ``sample_demon`` with the default samplers (the formula in its docstring)."""
