@@ -9,7 +9,7 @@ from kdiff_align.align import demon as demon_mod
 from kdiff_align.align import guidance, search
 from kdiff_align.apps import arena
 from kdiff_align.apps.cli import main
-from kdiff_align.testing import GaussianDenoiser
+from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
 
 SMALL = dict(budgets=(40, 80), images=3, methods=["plain", "best_of_n"], seed=3)
 
@@ -30,8 +30,8 @@ def _task(pipe, reward_name="logit", images=2, sampler="heun"):
     heldout = toy.load_heldout_classifier()
     (reward, _, alpha, scale), = arena._resolve_rewards(pipe, (reward_name,), "bag", heldout).values()
     noise = torch.randn(images, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
-    return arena.Task(pipe, arena._unconditional(pipe), reward, arena.is_differentiable(reward, pipe), noise,
-                      sampler, alpha, scale, 0)
+    model = CountingDenoiser(pipe.null_denoiser())
+    return arena.Task(pipe, model, reward, arena.is_differentiable(reward, pipe), noise, sampler, alpha, scale, 0)
 
 
 def test_counted_nfe_of_every_method_matches_its_formula(pipe):

@@ -50,8 +50,8 @@ def neighbours(pivot: Tensor, count: int, step: float, generator: Generator = No
 def zero_order_search(sample: Callable[[Tensor], Tensor], reward: Callable[[Tensor], Tensor], pivot: Tensor, *,
                       iterations: int, count: int, step: float = 0.5, generator: Generator = None
                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """Zero-order search: from the pivot noise, sample ``count`` neighbours, move to the best if it
-    improves the reward, repeat ``iterations`` times (Ma et al. 2025, "Inference-time scaling for diffusion models", zero-order search).
+    """Zero-order search (Ma et al. 2025): from the pivot noise, sample ``count`` neighbours, move to the
+    best if it improves the reward, repeat ``iterations`` times.
 
     Costs 1 + ``iterations``·``count`` samples per item. Returns ``(x0, noise, reward)`` of the final pivot.
     """

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import rewards, sampling
+from ..align import search
 from ..align.demon import auto_beta, sample_demon
 from ..align.newton import Mask, linear_residual, sample_constrained
 from ..align.smc import sample_smc
@@ -53,13 +54,11 @@ def plain(pipe, x_T: Tensor, reward, generator, disable, steps: int) -> tuple[Te
 
 def best_of_n(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int = 4) -> tuple[Tensor, float]:
     """Best-of-N: N independent plain samples per output (``x_T`` and N − 1 fresh noises), keep the best."""
-    b = x_T.shape[0]
+    b, model, sigmas = x_T.shape[0], unconditional(pipe), pipe.sigmas(steps)
     extra = torch.randn((n - 1) * b, *x_T.shape[1:], generator=generator, dtype=x_T.dtype) * pipe.init_sigma
-    candidates, nfe = plain(pipe, torch.cat([x_T, extra.to(x_T.device)]), reward, generator, disable, steps)
-    with torch.no_grad():
-        scores = rewards.check_rewards(reward(candidates), n * b, "reward").view(n, b)
-    best = scores.argmax(0)
-    return candidates.view(n, b, *x_T.shape[1:])[best, torch.arange(b)], nfe * n
+    starts = torch.cat([x_T, extra.to(x_T.device)]).view(n, b, *x_T.shape[1:])
+    x0, _, _ = search.random_search(lambda x: sampling.odeint(model, x, sigmas, disable=disable), reward, starts)
+    return x0, model.rows / b
 
 
 def demon(pipe, x_T: Tensor, reward, generator, disable, steps: int, K: int = 4) -> tuple[Tensor, float]:
@@ -206,7 +205,6 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
         for reward_name, reward in reward_fns.items():
             start = time.perf_counter()
             x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
-            nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule
             seconds = time.perf_counter() - start
             images[reward_name], scores[reward_name] = x0.detach().cpu(), _score(reward, x0, batch, reward_name)
             results.append(_row(method, reward_name, scores[reward_name], nfe, seconds, "reward"))
@@ -215,7 +213,6 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
     for method, fn in constrained_baselines().items():  # one run: the result does not depend on the reward
         start = time.perf_counter()
         x0, nfe, constraint = fn(pipe, x_T, torch.Generator().manual_seed(seed + 1), disable, steps)
-        nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)
         seconds = time.perf_counter() - start
         scores = {name: _score(reward, x0, batch, name) for name, reward in reward_fns.items()}
         results += [_row(method, name, r, nfe, seconds, "constrained") for name, r in scores.items()]
@@ -232,9 +229,10 @@ def _score(reward, x0: Tensor, batch: int, name: str) -> Tensor:
         return rewards.check_rewards(reward(x0), batch, name).float().cpu()
 
 
-def _row(method: str, reward: str, r: Tensor, nfe: dict, seconds: float, kind: str) -> dict:
-    """One results row; ``kind`` is ``reward`` (aligned to it) or ``constrained`` (ignores it); ``nfe`` is
-    ``utils.nfe_summary``'s dict (``nfe`` is its total in forward equivalents)."""
+def _row(method: str, reward: str, r: Tensor, nfe: float | dict, seconds: float, kind: str) -> dict:
+    """One results row; ``kind`` is ``reward`` (aligned to it) or ``constrained`` (ignores it); ``nfe`` is a
+    forward count or ``utils.nfe_summary``'s dict (the row's ``nfe`` is its total in forward equivalents)."""
+    nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule
     sem = (r.std() / len(r) ** 0.5).item() if len(r) > 1 else 0.0
     return dict(method=method, reward=reward, kind=kind, mean=r.mean().item(), sem=sem, nfe=float(nfe["total"]),
                 nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds=seconds)

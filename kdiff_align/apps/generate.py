@@ -35,6 +35,7 @@ from ..align.demon import sample_demon
 from ..align.smc import sample_smc
 from ..models import load_model
 from ..rewards import check_rewards
+from ..testing import CountingDenoiser
 from ..utils import BACKWARD_COST, nfe_summary
 from . import cliargs, experiment
 from .demon import cli_beta
@@ -48,13 +49,8 @@ GRID_ROWS, GRID_COLS = 16, 8  # the report grid shows at most this many prompts 
 
 def _odeint_counted(model, x, sigmas, method: str) -> tuple[Tensor, int]:
     """``sampling.odeint`` with ``method``, and the number of network calls it made."""
-    calls = []
-
-    def counted(x_, sigma, **kwargs):
-        calls.append(1)
-        return model(x_, sigma, **kwargs)
-
-    return sampling.odeint(counted, x, sigmas, method=method, disable=True), len(calls)
+    counted = CountingDenoiser(model)
+    return sampling.odeint(counted, x, sigmas, method=method, disable=True), counted.calls
 
 
 def run_plain(pipe, model, x_T, reward, generator, args, log):

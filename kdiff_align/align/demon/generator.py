@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -229,19 +230,25 @@ class DemonGenerator(abc.ABC):
                 atomic_write(folder / name, lambda tmp, p=pil: p.save(tmp, format="PNG"))
         return pils
 
+    def _final_rewards(self, latents: Tensor, terms: str | None = None) -> list[float]:
+        """``rewards_latent`` of finished images, checked (a list from ``rewards(pils)`` is fine)."""
+        values = torch.as_tensor(self.rewards_latent(latents), dtype=torch.float64)
+        return check_rewards(values, latents.shape[0], f"{type(self).__name__}.rewards", terms=terms).tolist()
+
+    def _grid_range(self) -> list[float]:
+        sigmas = self.sigmas()
+        return [float(sigmas[0]), float(sigmas[-2])]
+
     def _write_plain(self, folder: Path, plain: Tensor) -> dict:
         """``ode=True``: the plain PF-ODE image and its reward only."""
-        final = check_rewards(torch.as_tensor(self.rewards_latent(plain), dtype=torch.float64), 1,
-                              f"{type(self).__name__}.rewards").tolist()
+        final = self._final_rewards(plain)
         (pil,) = self._save_pngs(folder, plain, [("plain_ode.png", "init.png")])
-        result = {"plain_reward": final[0], "grid": [float(self.sigmas()[0]), float(self.sigmas()[-2])]}
+        result = {"plain_reward": final[0], "grid": self._grid_range()}
         atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         return {**result, "directory": folder, "plain": pil}
 
     def _write_results(self, folder: Path, plain: Tensor, demon: Tensor, info: dict) -> dict:
-        values = torch.as_tensor(self.rewards_latent(torch.cat([plain, demon])), dtype=torch.float64)
-        final = check_rewards(values, 2, f"{type(self).__name__}.rewards", terms="the plain and the Demon image")
-        final = final.tolist()
+        final = self._final_rewards(torch.cat([plain, demon]), terms="the plain and the Demon image")
         names = [("plain_ode.png", "init.png"), ("demon.png", "out.png")]  # ours and the seed's
         pils = self._save_pngs(folder, torch.cat([plain, demon]), names)
         steps = range(info["demon_steps"])
@@ -249,14 +256,14 @@ class DemonGenerator(abc.ABC):
             f"{i},{info['sigma'][i]:.6g},{info['reward_mean'][i, 0]:.6g},{info['reward_std'][i, 0]:.6g},"
             f"{info['tau'][i, 0]:.6g},{info['seconds'][i]:.4f}" for i in steps]
         atomic_write(folder / "rewards.csv", lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
+        # the seed's expected_reward.txt: mean std sigma seconds
         seed_rows = [f"{info['reward_mean'][i, 0]:.6g} {info['reward_std'][i, 0]:.6g} {info['sigma'][i]:.6g} "
-                     f"{info['seconds'][i]:.4f}" for i in steps]  # the seed's expected_reward.txt: mean std sigma seconds
+                     f"{info['seconds'][i]:.4f}" for i in steps]
         atomic_write(folder / "expected_reward.txt", lambda tmp: tmp.write_text("".join(r + "\n" for r in seed_rows)))
-        for name in ("rewards.png", "expected_reward.png"):
-            plot_rewards(info, folder / name, self.ylabel, f"Demon ({self.demon_type}, K={self.K})")
-        sigmas = self.sigmas()
+        plot = plot_rewards(info, folder / "rewards.png", self.ylabel, f"Demon ({self.demon_type}, K={self.K})")
+        atomic_write(folder / "expected_reward.png", lambda tmp: shutil.copyfile(plot, tmp))  # the seed's name
         result = {"plain_reward": final[0], "demon_reward": final[1], "demon_steps": info["demon_steps"],
-                  "nfe": info["nfe"], "grid": [float(sigmas[0]), float(sigmas[-2])], "cost": self.cost(),
+                  "nfe": info["nfe"], "grid": self._grid_range(), "cost": self.cost(),
                   "seconds": float(info["seconds"].sum())}
         atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         (folder / "INCOMPLETE").unlink(missing_ok=True)
