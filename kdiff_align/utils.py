@@ -91,13 +91,29 @@ def default_noise_sampler(x: Tensor, generator: Generator = None) -> Callable[[T
 BACKWARD_COST = 1.0  # one backward row through the denoiser, in forward rows (measured: docs/benchmarks.md, NFE rule)
 
 
-def nfe_summary(forward: int, backward: int = 0, backward_cost: float = BACKWARD_COST) -> dict:
+def nfe_summary(forward: int, backward: int = 0, backward_cost: float = BACKWARD_COST, *,
+                reward_calls: int = 0, reward_rows: int = 0) -> dict:
     """The one NFE rule: forward rows, backward rows (through the denoiser), and their total in forward rows.
 
     ``total = forward + backward_cost·backward``; ``BACKWARD_COST`` was measured once on the shipped
-    Fashion-MNIST UNet (``bench/newton.py`` prints it again).
+    Fashion-MNIST UNet (``bench/newton.py`` prints it again). Reward evaluations are reported beside
+    the network's: ``reward_calls`` (calls of the reward function) and ``reward_rows`` (images scored);
+    for a VLM or a human they are the cost, so they are never folded into ``total``.
     """
-    return {"forward": forward, "backward": backward, "total": float(forward + backward_cost * backward)}
+    return {"forward": forward, "backward": backward, "total": float(forward + backward_cost * backward),
+            "reward_calls": int(reward_calls), "reward_rows": int(reward_rows)}
+
+
+class CountingReward:
+    """Wraps a reward ``r(x0) -> [B]``, counting its calls and the rows (images) it scored."""
+
+    def __init__(self, reward: Callable):
+        self.reward, self.calls, self.rows = reward, 0, 0
+
+    def __call__(self, x0: Tensor, *args, **kwargs):
+        self.calls += 1
+        self.rows += int(x0.shape[0]) if hasattr(x0, "shape") else len(x0)
+        return self.reward(x0, *args, **kwargs)
 
 
 def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas", end_zero: bool = True) -> Tensor:
