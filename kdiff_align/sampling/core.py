@@ -19,7 +19,7 @@ from tqdm.auto import tqdm, trange
 from ..utils import (Generator, append_dims, as_sigma, check_finite, check_sigmas, get_ancestral_step,
                     randn_like, to_d)
 from .multistep import MULTISTEP_METHODS, multistep_odeint
-from .sde import SDE_METHODS, default_sde_noise, sde_solve
+from .sde import SDE_METHODS, sde_run
 
 FIXED_METHODS = ("euler", "heun", "dpm2", "rk4")
 ADAPTIVE_METHODS = {"dopri5": "dopri5", "bosh3": "bosh3", "adaptive_heun": "adaptive_heun"}
@@ -279,7 +279,8 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
         noise_sampler: ``noise_sampler(sigma, sigma_next) -> noise like x``; overrides ``generator``.
         generator: a ``torch.Generator`` or a list of one per batch item, which makes each item's
             sample independent of the batch it is in. For the DPM-Solver++ SDEs it seeds a Brownian
-            tree (one per item for a list), so refining the grid converges to one sample path.
+            tree over every σ (one per item for a list), so refining the grid converges to one sample
+            path and a split grid with one generator gives the whole grid's path (``sde.sde_run``).
         beta: see ``sde_step``; when given, ``eta`` is ignored. The Heun β-SDE stays accurate while
             β·|Δσ| is of order 1; far larger steps over-contract and collapse modes (a warning says so).
         method: ``"ancestral"`` (Euler ancestral / β-SDE), ``"dpm2_ancestral"``,
@@ -297,9 +298,9 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     if method != "ancestral":
         if beta is not None:
             raise ValueError(f"beta applies to method='ancestral' only, not {method!r}")
-        noise_sampler = noise_sampler or default_sde_noise(method, x, sigmas, generator)
-        return sde_solve(model, x, sigmas, method, extra_args=extra_args, callback=callback, disable=disable,
-                         eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, solver_type=solver_type, r=r)
+        return sde_run(model, x, sigmas, method, generator=generator, noise_sampler=noise_sampler, eta=eta,
+                       extra_args=extra_args, callback=callback, disable=disable, s_noise=s_noise,
+                       solver_type=solver_type, r=r)
     max_step = float((sigmas[:-2] - sigmas[1:-1]).max()) if len(sigmas) > 2 else 0.0
     if isinstance(beta, (int, float)) and beta * max_step > 4:
         warnings.warn(f"beta={beta} with steps of up to {max_step:.3g} in σ "
