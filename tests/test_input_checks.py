@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdiff_align as ka
-from kdiff_align.align import guidance, newton, smc
+from kdiff_align.align import demon, dps, guidance, newton, smc
 from kdiff_align.cond import cfg_denoiser
 from kdiff_align.models.pipeline import Pipeline
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
@@ -177,3 +177,7 @@ def test_sigmas_may_end_above_zero_only_where_documented():
         newton.sample_constrained(model, x, split, residual, disable=True)
     with pytest.raises(ValueError, match="sigmas must be positive and end in exactly one 0"):
         smc.sample_smc(model, x[None], split, lambda x0: x0.sum(1), num_particles=3, disable=True)
+    with pytest.raises(ValueError, match="sigmas must be positive and end in exactly one 0"):
+        dps.sample_dps(model, x, split, residual, disable=True)
+    with pytest.raises(ValueError, match="sigmas must be positive and end in exactly one 0"):
+        demon.sample_demon(model, x, split, lambda x0: x0.sum(1), K=2, beta=0.1, disable=True)

@@ -163,7 +163,7 @@ def broadcasts_to(shape, target) -> bool:
 
 
 class Mask:
-    """A x = m ⊙ x for a mask (1 on known entries) broadcastable to x; self-adjoint, Aᵀ = A."""
+    """A x = m ⊙ x for a mask with values in [0, 1] (1 on known entries) broadcastable to x; self-adjoint."""
 
     def __init__(self, mask: Tensor):
         if not isinstance(mask, Tensor):
@@ -499,7 +499,8 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
             η ≈ 0.16), ``"euler"``, ``"heun"`` or a multistep PF-ODE solver (``"dpmpp_2m"``,
             ``"dpmpp_3m"``, ``"deis"``, ``"lms"``, ``"ipndm"``; one evaluation per step, with the
             post-constraint x̂₀ as their history).
-        window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``.
+        window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``;
+            one that selects no step σ_i of the grid is rejected (``check_window``).
 
     Returns:
         x, or ``(x, info)`` with ``info["residual"]`` ``[B, steps]`` (RMS of e after each step's
