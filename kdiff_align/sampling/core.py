@@ -84,14 +84,29 @@ def ode_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = N
     return x + (d + 2 * k_2 + 2 * k_3 + k_4) / 6 * h, denoised
 
 
+def _is_number(v) -> bool:
+    """A real number or a 0-d tensor, not a bool or a string."""
+    return not isinstance(v, bool) and (isinstance(v, Real) or (isinstance(v, Tensor) and v.ndim == 0))
+
+
 def check_beta(beta) -> None:
     """Fail early unless ``beta`` is None, a finite number >= 0, ``"anderson"`` or a callable β(σ)."""
     if beta is None or callable(beta) or (isinstance(beta, str) and beta == "anderson"):
         return
-    if isinstance(beta, (str, bool)) or not isinstance(beta, Real):
+    if not _is_number(beta):
         raise TypeError(f"beta must be a number >= 0, 'anderson' or a callable beta(sigma), got {beta!r}")
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be >= 0 and finite, got {beta}")
+
+
+def _check_sde_args(eta, beta, generator, batch: int) -> None:
+    """``sdeint``'s noise arguments: ``eta`` a number >= 0, ``beta`` (``check_beta``), ``generator``."""
+    if not _is_number(eta):
+        raise TypeError(f"eta must be a number >= 0, got {eta!r}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    check_beta(beta)
+    check_generator(generator, batch)
 
 
 def _beta_at(beta, sigma: Tensor) -> Tensor:
@@ -315,12 +330,7 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     """
     extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True, end_zero=False)
     model = _shape_checked(model)
-    if isinstance(eta, bool) or not isinstance(eta, Real):
-        raise TypeError(f"eta must be a number >= 0, got {eta!r}")
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    check_beta(beta)
-    check_generator(generator, x.shape[0])
+    _check_sde_args(eta, beta, generator, x.shape[0])
     check_method(method, SDE_METHODS)
     if method != "ancestral":
         if beta is not None:

@@ -60,7 +60,7 @@ class BrownianTreeNoiseSampler:
 
 
 def tree_time(sigma: Tensor) -> Tensor:
-    """The time τ = atan(log σ) ∈ [−π/2, π/2] of the default Brownian tree: one fixed range covering every σ ≥ 0."""
+    """The time τ = atan(log σ) ∈ [−π/2, π/2] of the default Brownian tree: one range for every σ ≥ 0."""
     return sigma.log().atan()
 
 
