@@ -146,7 +146,7 @@ def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas", end_
     return sigmas
 
 
-def check_state(x: Tensor, name: str = "x") -> Tensor:
+def check_input(x: Tensor, name: str = "x") -> Tensor:
     """Fail early unless ``x`` is a finite floating-point ``[B, ...]`` tensor (1-D: a batch of B scalars)."""
     if isinstance(x, Tensor) and not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it first, "

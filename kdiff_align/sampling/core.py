@@ -18,7 +18,7 @@ import torchdiffeq
 from torch import Tensor
 from tqdm.auto import tqdm, trange
 
-from ..utils import (Generator, append_dims, as_sigma, check_generator, check_sigmas, check_state,
+from ..utils import (Generator, append_dims, as_sigma, check_generator, check_sigmas, check_input,
                     get_ancestral_step, randn_like, to_d)
 from .multistep import MULTISTEP_METHODS, multistep_odeint
 from .sde import SDE_METHODS, sde_run
@@ -226,7 +226,7 @@ def _shape_checked(model) -> Callable:
 def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool, end_zero: bool = True) -> dict:
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
-    check_state(x, "x")
+    check_input(x, "x")
     check_sigmas(sigmas, decreasing=decreasing, end_zero=end_zero)
     if method is not None:
         check_method(method)
