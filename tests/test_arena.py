@@ -8,6 +8,7 @@ from kdiff_align import metrics, rewards, toy
 from kdiff_align.align import demon as demon_mod
 from kdiff_align.align import guidance, search
 from kdiff_align.apps import arena
+from kdiff_align.apps.arena import costs, methods, scores
 from kdiff_align.apps.cli import main
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
 
@@ -28,10 +29,10 @@ def small_run(tmp_path_factory):
 
 def _task(pipe, reward_name="logit", images=2, sampler="heun"):
     heldout = toy.load_heldout_classifier()
-    (reward, _, alpha, scale), = arena._resolve_rewards(pipe, (reward_name,), "bag", heldout).values()
+    (reward, _, alpha, scale), = scores.resolve_rewards(pipe, (reward_name,), "bag", heldout).values()
     noise = torch.randn(images, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
     model = CountingDenoiser(pipe.null_denoiser())
-    return arena.Task(pipe, model, reward, arena.is_differentiable(reward, pipe), noise, sampler, alpha, scale, 0)
+    return arena.Task(pipe, model, reward, scores.is_differentiable(reward, pipe), noise, sampler, alpha, scale, 0)
 
 
 def test_counted_nfe_of_every_method_matches_its_formula(pipe):
@@ -46,9 +47,9 @@ def test_counted_nfe_of_every_method_matches_its_formula(pipe):
     assert arena.run_cell(euler, "best_of_n-ode", 45)[1] == 40  # two 20-step Euler samples
     # the arena's Demon formula is the library's demon_cost for the Heun rollout
     for look, r_of_c in (("tweedie", "consistency"), ("rollout", "baseline")):
-        sigmas, K = arena.demon_config(pipe, 200, look, "heun")
-        assert arena.demon_rows(sigmas, K, look, "heun") == demon_mod.demon_cost(
-            sigmas, K=K, r_of_c=r_of_c, c_steps=arena.ROLLOUT_C_STEPS, ode_after=arena.ODE_AFTER)["network_rows"]
+        sigmas, K = costs.demon_config(pipe, 200, look, "heun")
+        assert costs.demon_rows(sigmas, K, look, "heun") == demon_mod.demon_cost(
+            sigmas, K=K, r_of_c=r_of_c, c_steps=costs.ROLLOUT_C_STEPS, ode_after=costs.ODE_AFTER)["network_rows"]
     assert arena.run_cell(task, "demon-tanh-rollout", 40) is None  # no Demon setting fits 40 NFE
     assert arena.run_cell(_task(pipe, "jpeg"), "guidance-dps", 80) is None  # no gradient of a JPEG size
 
@@ -59,7 +60,7 @@ def test_best_of_n_is_at_least_plain_on_the_same_noises(pipe, small_run):
     for budget in (40, 80, 160):
         x0, _, hyper, _ = arena.run_cell(task, "best_of_n-ode", budget)
         steps = int(hyper.split(", ")[1].split()[0])
-        plain = arena._sampler(task, steps)(task.noise)  # candidate 0 of the pool: the plain sample
+        plain = methods.ode_sampler(task, steps)(task.noise)  # candidate 0 of the pool: the plain sample
         # the pool contains plain's sample, so each item's best is at least its reward; 1e-4 covers the
         # float differences of evaluating that sample inside a larger batch
         assert (task.reward(x0) >= task.reward(plain) - 1e-4).all(), budget

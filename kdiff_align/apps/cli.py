@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import arena, cliargs, demon, generate
+from . import cliargs, demon, generate
+from .arena.cli import add_cli as add_arena
 from . import demo as main_job
 
 
@@ -46,7 +47,7 @@ def parser() -> cliargs.Parser:
     add_demo(sub)
     demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
-    arena.add_cli(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
+    add_arena(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
     return top
 
 
