@@ -42,11 +42,11 @@ def run_in_process(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
-def assert_one_line_error(result, command: str, *words: str) -> str:
-    """Exit 2, no traceback, exactly one stderr line ``kdiff-align COMMAND: error: ...`` holding ``words``."""
+def assert_one_line_error(result, command: str, *words: str, status: int = 2) -> str:
+    """Exit ``status`` (2: usage, 1: runtime), no traceback, one stderr line ``kdiff-align COMMAND: error: ...``."""
     lines = result.stderr.splitlines()
     errors = [line for line in lines if line.startswith(f"kdiff-align {command}: error: ")]
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and all(line.startswith("kdiff-align: note:") for line in lines if line not in errors), \
         result.stderr
     assert all(w in errors[0] for w in words), errors[0]
@@ -140,11 +140,11 @@ def test_demon_failures_are_one_line_and_make_no_folder(place, args, words, caps
 
 
 def test_a_runtime_failure_is_one_line_and_debug_shows_the_traceback(place, capsys):
-    """A failure while loading (a diffusers folder without its parts) is still one line, and nothing is
-    written; --debug raises it."""
+    """A failure while loading (a diffusers folder without its parts) is still one line, exit status 1 (the
+    flags were fine, the work failed), and nothing is written; --debug raises it."""
     (place / "a_dir" / "model_index.json").write_text("{}")
     args = ["generate", "--model", place / "a_dir", "--prompt", "a cat", "--out", place / "run", "--no-progress"]
-    assert_one_line_error(run_in_process(capsys, *args), "generate", "unet")
+    assert_one_line_error(run_in_process(capsys, *args), "generate", "unet", status=1)
     assert not (place / "run").exists()
     with pytest.raises(Exception, match="unet"):
         main(["--debug", *map(str, args)])

@@ -32,7 +32,8 @@ REWARDS = {
     "vlm": "a VLM judge's score (--vlm-url, --vlm-model)",
     "human": "a person's choice in the browser",
 }
-OLD_REWARDS = {"jpeg": "jpeg-small", "jpeg_incompressible": "jpeg-large", "jpeg-size": "jpeg-large"}
+OLD_REWARDS = {"jpeg": "jpeg-small", "jpeg_incompressible": "jpeg-large", "jpeg-size": "jpeg-large",
+               "logit": "classifier"}
 REWARD_ARGS = ("classifier", "aesthetic")  # kinds that take ``:ARG``
 
 
@@ -213,7 +214,20 @@ def out_dir(text: str) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot create {text!r}: {str(parent)!r} is a file")
+    if not writable(path if path.is_dir() else parent):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {str(parent if not path.is_dir() else path)!r} "
+                                         "does not accept new files (read-only or not permitted)")
     return path
+
+
+def writable(folder: Path) -> bool:
+    """Whether a new entry can be made in ``folder``: a probe folder is made and removed (root ignores modes)."""
+    import tempfile
+    try:
+        Path(tempfile.mkdtemp(prefix=".kdiff-probe-", dir=folder)).rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def device(text: str) -> str:
@@ -382,7 +396,12 @@ def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
 # --- running a subcommand ---------------------------------------------------------------------------
 
 def run(args, prog: str) -> int:
-    """Call ``args.func(args)``: a failure is one line (exit 2) unless ``--debug``; Ctrl-C one line (exit 130)."""
+    """Call ``args.func(args)``: a failure is one line unless ``--debug``; Ctrl-C one line (exit 130).
+
+    Bad input (``ValueError``, ``TypeError``: a flag, a combination, a folder of other settings) exits
+    with status 2 like a parsing error; a failure of the work itself (an unreachable VLM, a damaged or
+    unwritable file, ``OSError``, ``RuntimeError``) with status 1.
+    """
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -393,5 +412,6 @@ def run(args, prog: str) -> int:
     except Exception as error:  # noqa: BLE001 — every failure is one line unless --debug
         if getattr(args, "debug", False):
             raise
-        fail(prog, f"{error} (--debug shows the traceback)" if not isinstance(error, (ValueError, OSError))
-             else str(error))
+        usage = isinstance(error, (ValueError, TypeError))
+        fail(prog, str(error) if usage or isinstance(error, OSError) else
+             f"{type(error).__name__}: {error} (--debug shows the traceback)", status=2 if usage else 1)

@@ -14,6 +14,7 @@ from ...align.smc import tempering_schedule
 BASE_STEPS, SEARCH_STEPS, DEMON_GRIDS, SMC_GRIDS = 20, 10, (20, 16, 12), (20, 10, 5)
 ROLLOUT_C_STEPS, ODE_AFTER = 2, 0.11
 
+
 def ode_rows(sampler: str, steps: int) -> int:
     """Network rows of ``odeint`` over ``steps`` steps: (steps − 1) solver steps and the final Euler step."""
     return (steps - 1) * sampling.NFE_PER_STEP.get(sampler, 1) + 1

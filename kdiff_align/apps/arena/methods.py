@@ -35,6 +35,7 @@ class Task:
     scale: float
     seed: int
 
+
 def ode_sampler(task: Task, steps: int, model=None) -> Callable[[Tensor], Tensor]:
     """``sample(n) -> x0``: the PF-ODE with the task's solver from σ_max·n over ``steps`` steps."""
     sigmas = task.pipe.sigmas(steps)

@@ -12,20 +12,24 @@ from ...utils import atomic_write
 
 FAMILIES = ("plain", "best_of_n", "demon", "smc", "guidance", "search")
 
+
 def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str, seed: int) -> str:
     """The arena table: one section per reward, one line per method and budget."""
     lines = [f"# Arena: {images} images per cell, solver `{sampler}`, seed {seed}", "",
              "NFE = counted network rows per image (a backward pass counts as one); reward ± s.e.m. over images; "
              "held-out = the reward's held-out twin; diversity = mean pairwise distance of held-out classifier "
              "features (distinct = distinct predicted classes / min(images, 10)); FD = Fréchet distance of "
-             "those features to the real images of the eval slice; seconds per image.", ""]
+             "those features to the real images of the eval slice; seconds per image; reward calls = calls of the "
+             "reward function for the cell's batch of images, reward rows = images scored per image (beside the "
+             "NFE, never folded into it).", ""]
     for reward_name in dict.fromkeys(r["reward_name"] for r in rows):
         lines += [f"## {reward_name}", "",
-                  "| method | budget | NFE | reward | held-out | diversity | distinct | FD | s/img | settings |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | budget | NFE | reward calls | reward rows | reward | held-out | diversity | distinct | FD | "
+                  "s/img | settings |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r, d in zip(rows, details):
             if r["reward_name"] == reward_name:
-                lines.append(f"| {r['method']} | {r['budget_nfe']} | {r['nfe']:.1f} | {r['reward']:+.3f} ± "
+                lines.append(f"| {r['method']} | {r['budget_nfe']} | {r['nfe']:.1f} | {r['reward_calls']} | "
+                             f"{r['reward_rows']:.1f} | {r['reward']:+.3f} ± "
                              f"{r['reward_sem']:.3f} | {r['heldout_reward']:+.3f} | {r['diversity']:.2f} | "
                              f"{d['distinct']:.2f} | {r['fidelity_fd']:.1f} | {r['seconds']:.2f} | {d['hyper']} |")
         lines.append("")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -11,9 +11,21 @@ from torch import Tensor
 
 from ... import metrics, rewards
 from ...models import toy
+from ..reward_specs import RewardFactory, parse_reward
 
-DEFAULT_ALPHA = {"logit": 1.0, "jpeg": 0.02}  # SMC temperature α per built-in reward (its scale)
-DEFAULT_SCALE = {"logit": 2.0}  # guidance strength s per built-in differentiable reward
+ARENA_REWARDS = ("classifier", "jpeg-small", "jpeg-large", "brightness", "contrast")  # local, cheap to score
+DEFAULT_ALPHA = {"classifier": 1.0, "jpeg-small": 0.02, "jpeg-large": 0.02}  # SMC temperature α (the reward's scale)
+DEFAULT_SCALE = {"classifier": 2.0}  # guidance strength s per built-in differentiable reward
+
+
+class ArenaReward(NamedTuple):
+    """One reward of a run: the target, its held-out twin on images, SMC's α, guidance's s, the FD class."""
+    reward: Callable[[Tensor], Tensor]
+    heldout: Callable[[Tensor], Tensor]
+    alpha: float
+    scale: float
+    ref_class: str | None
+
 
 def png_size_kb(images: list) -> list[float]:
     """Size in kB of each image saved as PNG (lossless: another coder than the JPEG reward's)."""
@@ -25,16 +37,40 @@ def png_size_kb(images: list) -> list[float]:
     return sizes
 
 
-def builtin_rewards(pipe, class_name: str, heldout) -> dict[str, tuple[Callable, Callable, str]]:
-    """name → (target reward, held-out reward, key of the α/scale defaults) for the built-in rewards.
+def reward_name(spec: str, class_name: str) -> str:
+    """A reward spec of the shared vocabulary (``classifier:bag``, ``jpeg-small``; ``logit``, ``jpeg`` are old names)."""
+    kind, arg = parse_reward(spec)
+    if kind not in ARENA_REWARDS:
+        raise ValueError(f"rewards: the arena runs {', '.join(ARENA_REWARDS)} (classifier:CLASS), got {spec!r}")
+    if kind != "classifier":
+        return kind
+    if (arg or class_name) not in toy.FASHION_CLASSES:
+        raise ValueError(f"rewards: classifier:CLASS needs a class of {', '.join(toy.FASHION_CLASSES)}, got {spec!r}")
+    return f"classifier:{arg or class_name}"
 
-    The logit's held-out twin is the held-out classifier's logit of the same class; the JPEG size's
-    is the PNG size (−kB both), which rewards simple images without JPEG's quantisation blocks.
+
+def builtin_reward(pipe, name: str, heldout) -> ArenaReward:
+    """The reward ``name`` (from ``reward_name``) with its held-out twin and default α and s.
+
+    The classifier logit's twin is the held-out classifier's logit of the same class; the JPEG size's
+    is the PNG size (same sign), which judges simplicity without JPEG's quantisation blocks; brightness
+    and contrast keep the user rewards' twin (the held-out classifier's top log-probability).
     """
-    index = pipe.class_names.index(class_name)
-    return {f"logit-{class_name}": (toy.classifier_reward(pipe, class_name), lambda x: heldout(x)[:, index], "logit"),
-            "jpeg": (rewards.jpeg_compressibility(pipe.decode),
-                     rewards.pil_reward(lambda pils: [-s for s in png_size_kb(pils)]), "jpeg")}
+    kind, arg = parse_reward(name)
+    twin = top_log_probability(heldout)
+    if kind == "classifier":
+        index = pipe.class_names.index(arg)
+        twin = lambda x: heldout(x)[:, index]  # noqa: E731
+    elif kind.startswith("jpeg"):
+        sign = -1.0 if kind == "jpeg-small" else 1.0
+        twin = rewards.pil_reward(lambda pils: [sign * s for s in png_size_kb(pils)])
+    reward = RewardFactory(name, pipe, None)(arg or "")
+    return ArenaReward(reward, twin, DEFAULT_ALPHA.get(kind, 1.0), DEFAULT_SCALE.get(kind, 1.0), arg)
+
+
+def top_log_probability(heldout) -> Callable[[Tensor], Tensor]:
+    """The held-out classifier's top log-probability: the sample still looks like some garment."""
+    return lambda x: heldout(x).log_softmax(1).max(1).values
 
 
 def is_differentiable(reward: Callable, pipe) -> bool:
@@ -69,26 +105,21 @@ def score(x0: Tensor, pipe, reward, heldout_reward, heldout, ref: np.ndarray) ->
                 fd=metrics.frechet_distance(f, ref) if len(f) >= 2 else math.nan)
 
 
-def resolve_rewards(pipe, spec, class_name: str, heldout_classifier) -> dict:
-    """Reward spec → name → (reward, held-out reward, α, s): "logit"/"jpeg" or user ``reward(x0)`` callables.
+def resolve_rewards(pipe, spec, class_name: str, heldout_classifier) -> dict[str, ArenaReward]:
+    """Reward spec → name → ``ArenaReward``: names of ``ARENA_REWARDS`` or user ``reward(x0)`` callables.
 
-    A user reward's held-out twin is the held-out classifier's top log-probability (the sample still
-    looks like some garment) unless given as a ``(reward, heldout_reward)`` pair.
+    A user reward's held-out twin is ``top_log_probability`` unless given as a ``(reward, heldout_reward)``
+    pair; its α and s are 1.
     """
-    builtin = builtin_rewards(pipe, class_name, heldout_classifier)
-    short = {"logit": f"logit-{class_name}", "jpeg": "jpeg"}
     items = {s: s for s in spec} if isinstance(spec, (list, tuple)) else dict(spec)
     out = {}
     for name, value in items.items():
         if isinstance(value, str):
-            if value not in short:
-                raise ValueError(f"rewards must be 'logit', 'jpeg' or reward(x0) callables, got {value!r}")
-            reward, held, key = builtin[short[value]]
-            out[short[value]] = (reward, held, DEFAULT_ALPHA[key], DEFAULT_SCALE.get(key, 0.0))
+            name = reward_name(value, class_name)
+            out[name] = builtin_reward(pipe, name, heldout_classifier)
             continue
         reward, held = value if isinstance(value, tuple) else (value, None)
         if not callable(reward):
             raise TypeError(f"rewards[{name!r}] must be a callable reward(x0) -> Tensor[B], got {type(reward).__name__}")
-        held = held or (lambda x: heldout_classifier(x).log_softmax(1).max(1).values)
-        out[name] = (reward, held, 1.0, 1.0)
+        out[name] = ArenaReward(reward, held or top_log_probability(heldout_classifier), 1.0, 1.0, None)
     return out
