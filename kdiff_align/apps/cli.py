@@ -52,7 +52,12 @@ def parser() -> cliargs.Parser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    """Parse and run one subcommand; Ctrl-C while parsing is one line too (the job's own is in ``cliargs.run``)."""
+    try:
+        args = parser().parse_args(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("kdiff-align: interrupted while starting; nothing was written\n")
+        return 130
     return cliargs.run(args, f"kdiff-align {args.command}")
 
 

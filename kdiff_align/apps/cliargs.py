@@ -355,6 +355,12 @@ def check_reward_options(spec: str, model: str, args) -> None:
     kind, arg = reward_kind(spec)
     if kind == "vlm" and not (args.vlm_url and args.vlm_model):
         raise ValueError("--reward vlm needs --vlm-url URL and --vlm-model NAME")
+    given = [flag for flag, value in (("--vlm-url", args.vlm_url), ("--vlm-model", args.vlm_model)) if value]
+    if kind != "vlm" and given:
+        raise ValueError(f"{' and '.join(given)} only apply to --reward vlm, got --reward {spec}")
+    if kind == "vlm":
+        from ..rewards.vlm import httpx_module
+        httpx_module()  # fails here, before the model loads, naming the extra to install
     if kind == "aesthetic" and not args.aesthetic_head:
         raise ValueError("--reward aesthetic:CLIP_DIR needs --aesthetic-head FILE (the MLP weights)")
     if kind == "classifier" and (not model.startswith("toy:") or model == "toy:mixture"):
@@ -384,7 +390,7 @@ def check_prompts(prompts: list[str], model: str, flag: str = "--prompt") -> Non
 def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
     """One prompt per line; blank lines are skipped; an empty or unreadable file fails naming ``flag``."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{flag}: cannot read {str(path)!r} as UTF-8 text ({error})") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
