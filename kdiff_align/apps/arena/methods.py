@@ -34,6 +34,8 @@ class Task:
     alpha: float
     scale: float
     seed: int
+    tau: float | str = "adaptive"  # Demon's temperature
+    step: float = 0.5  # the zero-order search's neighbour distance λ
 
 
 def ode_sampler(task: Task, steps: int, model=None) -> Callable[[Tensor], Tensor]:
@@ -84,15 +86,15 @@ def search_random(task: Task, budget: int, generator):
     return _random_search(task, budget, generator, SEARCH_STEPS)
 
 
-def search_zero_order(task: Task, budget: int, generator, step: float = 0.5):
+def search_zero_order(task: Task, budget: int, generator):
     """Ma et al.'s zero-order search: rounds of neighbours around the best noise so far, 10-step samples."""
     plan = search_plan(task.sampler, budget)
     if plan is None:
         return None
     steps, count, iterations = plan
     x0, _, _ = search.zero_order_search(ode_sampler(task, steps), task.reward, task.noise, iterations=iterations,
-                                        count=count, step=step, generator=generator)
-    return x0, 0, f"{iterations}×{count} neighbours, λ={step}, {steps} steps"
+                                        count=count, step=task.step, generator=generator)
+    return x0, 0, f"{iterations}×{count} neighbours, λ={task.step:g}, {steps} steps"
 
 
 def demon(demon_type: str, lookahead: str):
@@ -105,10 +107,11 @@ def demon(demon_type: str, lookahead: str):
         beta = auto_beta(sigmas, ODE_AFTER)  # β·|Δσ| ≤ 1 keeps the β-SDE step accurate
         rollout = None if task.sampler == "heun" else partial(sampling.odeint, method=task.sampler)
         x0 = sample_demon(task.model, task.noise * task.pipe.init_sigma, sigmas, task.reward, K=K, beta=beta,
-                          demon_type=demon_type, r_of_c="consistency" if lookahead == "tweedie" else "baseline",
+                          tau=task.tau, demon_type=demon_type, r_of_c="consistency" if lookahead == "tweedie" else "baseline",
                           c_steps=ROLLOUT_C_STEPS, ode_after=ODE_AFTER, sampler=rollout, generator=generator,
                           disable=True)
-        return x0, 0, f"K={K}, {len(sigmas) - 1} steps, β={beta:.3g}"
+        tau = task.tau if isinstance(task.tau, str) else f"{task.tau:g}"
+        return x0, 0, f"K={K}, {len(sigmas) - 1} steps, β={beta:.3g}, τ={tau}"
     return run
 
 

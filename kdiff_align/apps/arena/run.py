@@ -88,7 +88,8 @@ def check_out(out) -> Path:
 
 def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifier", "jpeg-small"), budgets=BUDGETS,
               images: int = 8, methods=None, class_name: str = CLASS_NAME, sampler: str = "heun", seed: int = 0,
-              quick: bool = False, log: Callable[[str], None] | None = None, device="cpu") -> list[dict]:
+              quick: bool = False, strengths: dict | None = None, log: Callable[[str], None] | None = None,
+              device="cpu") -> list[dict]:
     """Every method at every budget on every reward; writes arena.json/.md, pareto.png and grids to ``out``.
 
     Each finished (reward, method, budget) cell is written to ``out`` as it completes (an
@@ -103,24 +104,30 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
         budgets: NFE per image; a method whose cheapest setting does not fit a budget has no row there.
         methods: names or families of ``METHODS`` (default all).
         quick: budgets (40, 80) and 3 images, for a smoke run.
+        strengths: overrides of the methods' strengths for every reward: ``alpha`` (SMC's tilt
+            p·exp(r/α); default 1 for the classifier, 0.02 for JPEG sizes), ``scale`` (guidance's s;
+            default 1/α, the same tilt), ``tau`` (Demon's temperature, default ``"adaptive"``) and
+            ``step`` (the zero-order search's λ, default 0.5).
         out: output folder, or None to write nothing.
     Returns the rows of ``arena.json`` (exactly the keys ``KEYS``).
     """
     if quick:
         budgets, images = (40, 80), 3
     names = check_args(list(budgets), images, sampler, class_name, methods)
+    strengths = check_strengths(strengths)
     folder = None if out is None else check_out(out)
     pipe = toy.load("fashion", device)
     heldout = toy.load_heldout_classifier(device)
     resolved = resolve_rewards(pipe, rewards, class_name, heldout)
     config = dict(rewards=list(resolved), budgets=list(budgets), images=images, methods=names, sampler=sampler,
-                  seed=seed)
+                  seed=seed, **({"strengths": strengths} if strengths else {}))
     exp = None if folder is None else open_run(folder, config)
     noise = torch.randn(images, *pipe.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     records, finished = [], finished_cells(exp)
     for reward_name, spec in resolved.items():
         task = Task(pipe, CountingDenoiser(pipe.null_denoiser()), spec.reward, is_differentiable(spec.reward, pipe),
                     noise, sampler, spec.alpha, spec.scale, seed)
+        task = replace(task, **strengths)
         ref = reference_features(pipe, heldout, spec.ref_class)
         for name in names:
             for budget in budgets:
@@ -136,6 +143,19 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
                       seed=seed)
         exp.mark_complete()
     return rows
+
+
+def check_strengths(strengths: dict | None) -> dict:
+    """``strengths`` as a dict of known keys with valid values (α, s, λ > 0; τ > 0 or "adaptive")."""
+    strengths = dict(strengths or {})
+    unknown = sorted(set(strengths) - {"alpha", "scale", "tau", "step"})
+    if unknown:
+        raise ValueError(f"strengths keys must be alpha, scale, tau, step; got {unknown}")
+    for key, value in strengths.items():
+        if not (key == "tau" and value == "adaptive") and not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"strengths[{key!r}] must be a positive number{' or adaptive' * (key == 'tau')}, "
+                             f"got {value!r}")
+    return strengths
 
 
 def open_run(folder: Path, config: dict):

@@ -15,7 +15,6 @@ from ..reward_specs import RewardFactory, parse_reward
 
 ARENA_REWARDS = ("classifier", "jpeg-small", "jpeg-large", "brightness", "contrast")  # local, cheap to score
 DEFAULT_ALPHA = {"classifier": 1.0, "jpeg-small": 0.02, "jpeg-large": 0.02}  # SMC temperature α (the reward's scale)
-DEFAULT_SCALE = {"classifier": 2.0}  # guidance strength s per built-in differentiable reward
 
 
 class ArenaReward(NamedTuple):
@@ -50,7 +49,7 @@ def reward_name(spec: str, class_name: str) -> str:
 
 
 def builtin_reward(pipe, name: str, heldout) -> ArenaReward:
-    """The reward ``name`` (from ``reward_name``) with its held-out twin and default α and s.
+    """The reward ``name`` (from ``reward_name``) with its held-out twin, SMC's α and guidance's s = 1/α.
 
     The classifier logit's twin is the held-out classifier's logit of the same class; the JPEG size's
     is the PNG size (same sign), which judges simplicity without JPEG's quantisation blocks; brightness
@@ -64,8 +63,8 @@ def builtin_reward(pipe, name: str, heldout) -> ArenaReward:
     elif kind.startswith("jpeg"):
         sign = -1.0 if kind == "jpeg-small" else 1.0
         twin = rewards.pil_reward(lambda pils: [sign * s for s in png_size_kb(pils)])
-    reward = RewardFactory(name, pipe, None)(arg or "")
-    return ArenaReward(reward, twin, DEFAULT_ALPHA.get(kind, 1.0), DEFAULT_SCALE.get(kind, 1.0), arg)
+    reward, alpha = RewardFactory(name, pipe, None)(arg or ""), DEFAULT_ALPHA.get(kind, 1.0)
+    return ArenaReward(reward, twin, alpha, 1.0 / alpha, arg)  # s = 1/α: guidance aims at SMC's tilt p·exp(r/α)
 
 
 def top_log_probability(heldout) -> Callable[[Tensor], Tensor]:
