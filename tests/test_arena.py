@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from kdiff_align.apps.arena import costs, methods, scores
 from kdiff_align.apps.cli import main, parser
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(budgets=(40, 80), images=3, methods=["plain", "best_of_n"], seed=3)
 
 
@@ -240,3 +242,29 @@ def test_searches_keep_the_best_and_never_get_worse():
     _, _, r_many = search.zero_order_search(lambda n: n, reward, pivot, iterations=30, count=4, step=0.3,
                                             generator=torch.Generator().manual_seed(1))
     assert (r_many >= r_zero).all() and (r_many > r_zero).any()
+
+
+def test_strengths_are_checked_and_reach_the_methods(pipe):
+    for bad in ({"beta": 1.0}, {"alpha": 0}, {"tau": "hot"}, {"step": -1}):
+        with pytest.raises(ValueError, match="strengths"):
+            arena.run_arena(None, budgets=(40,), images=2, methods=["plain-ode"], strengths=bad)
+    spec, = scores.resolve_rewards(pipe, ("classifier",), "bag", toy.load_heldout_classifier()).values()
+    assert spec.scale == 1 / spec.alpha == 1.0  # guidance aims at the tilt p·exp(r/α) that SMC targets
+    rows = arena.run_arena(None, rewards=("classifier",), budgets=(80,), images=2, methods=["search-zero-order"],
+                           strengths={"step": 0.25})
+    default = arena.run_arena(None, rewards=("classifier",), budgets=(80,), images=2, methods=["search-zero-order"])
+    assert rows[0]["reward"] != default[0]["reward"]  # λ moved the neighbours
+
+
+def test_the_docs_main_table_reproduces_with_its_command():
+    """One cell of docs/arena.md's main table, rerun with the command the page shows, to the printed digits."""
+    text = (ROOT / "docs" / "arena.md").read_text()
+    command = next(line for line in text.splitlines() if line.startswith("kdiff-align arena --rewards"))
+    args = parser().parse_args(command.split()[1:])
+    row = next(line for line in text.splitlines() if line.startswith("| best_of_n-ode | 80 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    again, = arena.run_arena(None, rewards=tuple(args.rewards), budgets=(80,), images=args.images, seed=args.seed,
+                             methods=["best_of_n-ode"], class_name=args.class_name, sampler=args.sampler)
+    assert cells[2] == f"{again['nfe']:.1f}" and cells[3] == str(again["reward_calls"])
+    assert cells[5] == f"{again['reward']:+.3f} ± {again['reward_sem']:.3f}"
+    assert cells[6] == f"{again['heldout_reward']:+.3f}" and cells[7] == f"{again['diversity']:.2f}"
