@@ -179,7 +179,7 @@ def test_one_vocabulary_for_demon_and_generate():
         assert meaning(demon[flag]) == meaning(generate[flag]), flag
 
 
-@pytest.mark.parametrize("command", ["demo", "demon", "generate"])
+@pytest.mark.parametrize("command", ["demo", "demon", "generate", "arena"])
 def test_help_gives_every_flag_a_text_and_its_default(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

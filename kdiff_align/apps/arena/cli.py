@@ -39,7 +39,7 @@ def add_cli(sub) -> None:
     p.add_argument("--class", dest="class_name", default=CLASS_NAME, choices=toy.FASHION_CLASSES,
                    help="target class of a bare 'classifier' reward")
     p.add_argument("--sampler", default="heun", choices=sampling.METHODS, help="ODE solver")
-    p.add_argument("--methods", nargs="+", default=None, help="method names or families (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, help="method names or families; not set: all of them")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of every noise")
     p.add_argument("--threads", type=cliargs.positive_int, default=1, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="print only the summary, not one line per cell")
