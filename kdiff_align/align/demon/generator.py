@@ -115,14 +115,16 @@ class DemonGenerator(abc.ABC):
         consistency_model: passed to ``sample_demon``.
         max_batch: passed to ``sample_demon``.
         disable: passed to ``sample_demon``.
+        sigma_data: passed to ``sample_demon`` (its divergence check); ``None`` uses the larger of 1 and the
+            RMS of the plain PF-ODE sample of the same noise, which every run computes first.
     """
 
-    def __init__(self, cfg: float = 2, beta: float = 0.1, tau="adaptive", K: int = 16, T: int = 64,
+    def __init__(self, cfg: float = 2, beta="auto", tau="adaptive", K: int = 16, T: int = 64,
                  demon_type: str = "tanh", r_of_c: str = "baseline", c_steps: int = 20, ode_after: float = 0.11,
                  seed: int | None = None, save_pils: bool = False, ylabel: str = "Reward",
                  experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline=None,
                  grid="model", consistency_model=None, max_batch: int | None = None, disable: bool | None = None,
-                 method: str = "heun"):
+                 method: str = "heun", sigma_data: float | None = None):
         sampling.check_method(method)
         if not isinstance(T, int) or T < 2:
             raise ValueError(f"T must be an int >= 2 (grid points), got {T!r}")
@@ -134,6 +136,7 @@ class DemonGenerator(abc.ABC):
                 raise TypeError(f"pipeline must be a kdiff_align Pipeline (missing .{name}), "
                                 f"got {type(pipeline).__name__}")
         self.cfg, self.beta, self.tau, self.K, self.T, self.grid = cfg, beta, tau, K, T, grid
+        self.sigma_data = sigma_data
         self.demon_type, self.r_of_c, self.c_steps, self.ode_after = demon_type, r_of_c, c_steps, ode_after
         self.seed = secrets.randbelow(2**31) if seed is None else int(seed)
         self.save_pils, self.ylabel = save_pils, ylabel
@@ -218,7 +221,8 @@ class DemonGenerator(abc.ABC):
                                    demon_type=self.demon_type, r_of_c=self.r_of_c, c_steps=self.c_steps,
                                    ode_after=self.ode_after, callback=callback, disable=self.disable,
                                    generator=generator, return_info=True, consistency_model=self.consistency_model,
-                                   max_batch=self.max_batch, method=self.method)
+                                   max_batch=self.max_batch, method=self.method,
+                                   sigma_data=self.sigma_data or max(1.0, float(plain.pow(2).mean().sqrt())))
         return self._write_results(folder, plain, demon, info)
 
     def _save_pngs(self, folder: Path, latents: Tensor, names) -> list:
