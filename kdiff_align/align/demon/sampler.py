@@ -183,7 +183,7 @@ def demon_steps(sigmas: Tensor, ode_after: float | None) -> int:
     return int(steer.cumprod(0).sum())
 
 
-AUTO_BETA_VARIANCE = 2.0  # beta="auto": a Heun β-SDE step may leave at most this multiple of σ'² as variance
+AUTO_BETA_VARIANCE = 1.5  # beta="auto": a Heun β-SDE step may leave at most this multiple of σ'² as variance
 
 
 def heun_variance_ratio(beta: float, sigma: float, sigma_next: float) -> float:
