@@ -12,7 +12,8 @@ from .reward_specs import RewardFactory, reward_label
 
 
 def cli_beta(beta, sigmas: Tensor, ode_after: float | None) -> float:
-    """The command line's β: a number as given, or ``"auto"`` = ``align.demon.auto_beta`` (β·|Δσ| ≤ 1, β ≤ 0.1)."""
+    """The command line's β: a number as given, or ``"auto"`` = ``align.demon.auto_beta`` (β ≤ 0.1, β·|Δσ| ≤ 1 and
+    a bounded Heun β-SDE variance on every Demon step)."""
     return auto_beta(sigmas, ode_after) if beta == "auto" else float(beta)
 
 
@@ -90,6 +91,7 @@ def cli_main(args) -> int:
     plot_rewards(out["info"], out["directory"] / "rewards.png", label, f"{title}\nreward: {label}")
     save_comparison(out, out["directory"] / "comparison.png", label, title)
     print(f"{label}: plain ODE {out['plain_reward']:.4f}, Demon {out['demon_reward']:.4f} "
-          f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, {out['seconds']:.1f} s)")
+          f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, "
+          f"{out['nfe']['reward_calls']} reward calls on {out['nfe']['reward_rows']} images, {out['seconds']:.1f} s)")
     print(f"wrote {out['directory']} (comparison.png, rewards.png, ...)")
     return 0
