@@ -183,7 +183,7 @@ def demon_steps(sigmas: Tensor, ode_after: float | None) -> int:
     return int(steer.cumprod(0).sum())
 
 
-AUTO_BETA_VARIANCE = 1.5  # beta="auto": a Heun β-SDE step may leave at most this multiple of σ'² as variance
+AUTO_BETA_VARIANCE = 1.5  # beta="auto": the Heun β-SDE steps together may leave at most this multiple of the variance
 
 
 def heun_variance_ratio(beta: float, sigma: float, sigma_next: float) -> float:
@@ -201,32 +201,37 @@ def heun_variance_ratio(beta: float, sigma: float, sigma_next: float) -> float:
     return ((A * sigma) ** 2 + a**2) / sigma_next**2
 
 
-def _stable_beta(sigma: float, sigma_next: float, cap: float) -> float:
-    """The largest β ≤ ``cap`` whose Heun step σ → σ' keeps ``heun_variance_ratio`` ≤ ``AUTO_BETA_VARIANCE``."""
-    if heun_variance_ratio(cap, sigma, sigma_next) <= AUTO_BETA_VARIANCE:
+def _stable_beta(sigma: float, sigma_next: float, cap: float, limit: float = AUTO_BETA_VARIANCE) -> float:
+    """The largest β ≤ ``cap`` whose Heun step σ → σ' keeps ``heun_variance_ratio`` ≤ ``limit``."""
+    if heun_variance_ratio(cap, sigma, sigma_next) <= limit:
         return cap
     lo, hi = 0.0, cap
     for _ in range(200):  # bisection down to float resolution (the ratio rises with β)
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if heun_variance_ratio(mid, sigma, sigma_next) <= AUTO_BETA_VARIANCE else (lo, mid)
+        lo, hi = (mid, hi) if heun_variance_ratio(mid, sigma, sigma_next) <= limit else (lo, mid)
     return lo
 
 
-def auto_beta(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> float:
-    """``beta="auto"``: the largest β ≤ ``cap`` that keeps every Demon step of ``sigmas`` stable.
+def auto_betas(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> list[float]:
+    """``beta="auto"``: for each Demon step σ → σ' of ``sigmas``, the largest β ≤ ``cap`` that keeps it stable.
 
-    Two rules, both on each Demon step σ → σ': β·|Δσ| ≤ 1, and the Heun β-SDE step on point-mass data
-    leaves at most ``AUTO_BETA_VARIANCE``·σ'² of variance (``heun_variance_ratio``). The first alone
-    lets coarse grids blow up (on the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel
-    values of 300 to 4400); with both, fine grids keep β = min(cap, 1/|Δσ|) (20 steps: 0.049) and
-    coarse ones get a small β, so Demon's candidates differ less there. ``cap`` when there is no Demon step.
+    Two rules per step: β·|Δσ| ≤ 1, and the Heun β-SDE step on point-mass data leaves at most
+    ``AUTO_BETA_VARIANCE``·σ'² of variance (``heun_variance_ratio``). The first alone lets coarse grids
+    blow up (on the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel values of 300 to
+    4400). Fine steps keep β = min(cap, 1/|Δσ|); a coarse step (σ/σ' large) gets a small β, so Demon's
+    candidates differ less there. ``sample_demon`` uses β_i on step i (a piecewise-constant β(σ)).
     """
-    steps = demon_steps(sigmas, ode_after)
-    beta = cap
+    steps, betas = demon_steps(sigmas, ode_after), []
+    limit = AUTO_BETA_VARIANCE ** (1 / max(steps, 1))  # the steps' ratios multiply: the run's within the budget
     for sigma, sigma_next in zip(sigmas[:steps].tolist(), sigmas[1:steps + 1].tolist()):
-        beta = min(beta, math.nextafter(1 / (sigma - sigma_next), 0.0))  # rounded down: β·Δσ ≤ 1 to the ulp
-        beta = _stable_beta(sigma, sigma_next, beta)
-    return beta
+        beta = min(cap, math.nextafter(1 / (sigma - sigma_next), 0.0))  # rounded down: β·Δσ ≤ 1 to the ulp
+        betas.append(_stable_beta(sigma, sigma_next, beta, limit))
+    return betas
+
+
+def auto_beta(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> float:
+    """The largest constant β ≤ ``cap`` stable on every Demon step: min of ``auto_betas`` (``cap`` without steps)."""
+    return min(auto_betas(sigmas, ode_after, cap), default=cap)
 
 
 def demon_cost(sigmas: Tensor, *, K: int = 16, batch: int = 1, r_of_c: str = "consistency", c_steps: int | None = None,
@@ -319,8 +324,9 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         reward: ``reward(x0 [B·K, ...]) -> Tensor[B·K]``, higher is better (``rewards.check_rewards``: −inf
             rejects a candidate; NaN, +inf, a list, a wrong shape or an exception stops the run with an
             error in terms of B images x K candidates, naming the step).
-        beta: the β-SDE's β: ``"auto"`` (``auto_beta``: the largest β ≤ 0.1 with β·|Δσ| ≤ 1 whose Heun
-            step stays stable on every Demon step), a number > 0, ``"anderson"`` or a callable β(σ).
+        beta: the β-SDE's β: ``"auto"`` (step i uses ``auto_betas(sigmas, ode_after)[i]``, the largest
+            β ≤ 0.1 with β·|Δσ| ≤ 1 whose Heun step stays stable), a number > 0, ``"anderson"`` or a
+            callable β(σ).
         tau: ``"adaptive"`` (std of each item's K rewards, recomputed every step) or a positive number.
         r_of_c: look-ahead, ``"consistency"`` (one step) or ``"baseline"`` (PF-ODE rollout); see ``lookahead``.
         c_steps: rollout steps near σ_max for ``baseline`` (default 20, the reference's).
@@ -328,7 +334,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         callback: called before each update with ``x, i, sigma, sigma_hat, denoised`` and, on Demon
             steps, ``reward`` ``[B, K]``, ``weights`` ``[B, K]``, ``tau`` ``[B]``, ``lookahead`` ``[B, K, ...]``.
         return_info: also return a dict of per-step ``sigma``, ``reward_mean``/``reward_std``/``tau``
-            ``[S, B]``, ``seconds``, ``beta`` (the β used) and ``nfe``: counted network, consistency and
+            ``[S, B]``, ``seconds``, ``beta`` (the β of each Demon step, a list) and ``nfe``: counted network, consistency and
             reward calls and rows, and the NFE rule's ``forward`` (network + consistency rows),
             ``backward`` (0) and ``total`` (``utils.nfe_summary``), all for the whole batch.
         max_batch: the most rows per network call (candidates are chunked, never looped one by one).
@@ -344,8 +350,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
     _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
     check_generator(generator, x.shape[0])
     extra_args = extra_args or {}
-    beta = auto_beta(sigmas, ode_after) if beta == "auto" else beta
-    setting = f"beta={beta!r} is unstable on this grid: use beta='auto', a smaller beta or more steps"
+    betas = auto_betas(sigmas, ode_after) if beta == "auto" else [beta] * demon_steps(sigmas, ode_after)
     reward = CountingReward(reward)
     counts = dict.fromkeys(("network_calls", "network_rows", "consistency_calls", "consistency_rows"), 0)
     net = _counted(model, counts, "network", max_batch)
@@ -353,12 +358,13 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
     batch, steps = x.shape[0], demon_steps(sigmas, ode_after)
     sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
     _warn_coarse(sigmas, ode_after, beta)
+    setting = f"beta={beta!r} is unstable on this grid: use beta='auto', a smaller beta or more steps"
     log = {"sigma": [], "reward_mean": [], "reward_std": [], "tau": [], "seconds": []}
     for i in trange(steps, disable=disable):
         start = time.perf_counter()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = net(x, as_sigma(sigma, x), **extra_args)
-        z, x_next = demon_candidates(net, x, sigma, sigma_next, denoised, K=K, beta=beta, extra_args=extra_args,
+        z, x_next = demon_candidates(net, x, sigma, sigma_next, denoised, K=K, beta=betas[i], extra_args=extra_args,
                                      generator=generator)
         check_state(x_next, sigma_next, step=i, setting=setting, sigma_data=sigma_data)
         x0 = lookahead(net, x_next, sigma_next, r_of_c, extra_args=_repeat_rows(extra_args, K, batch),
@@ -369,7 +375,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, "reward": r,
                       "weights": b, "tau": tau_b, "lookahead": x0.view(batch, K, *x.shape[1:])})
-        x, _ = sampling.sde_step(net, x, sigma, sigma_next, extra_args=extra_args, beta=beta,
+        x, _ = sampling.sde_step(net, x, sigma, sigma_next, extra_args=extra_args, beta=betas[i],
                                  noise=combine_noise(z, b), denoised=denoised)
         check_state(x, sigma_next, step=i, setting=setting, sigma_data=sigma_data)
         mean, spread = finite_mean_std(r)  # over the candidates not rejected (reward −inf)
@@ -386,4 +392,4 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
             for key, v in log.items()}
     counts.update(nfe_summary(counts["network_rows"] + counts["consistency_rows"], reward_calls=reward.calls,
                               reward_rows=reward.rows))
-    return x, {**info, "demon_steps": steps, "beta": beta, "nfe": counts}
+    return x, {**info, "demon_steps": steps, "beta": betas, "nfe": counts}
