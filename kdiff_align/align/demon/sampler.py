@@ -216,8 +216,8 @@ def auto_betas(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1)
     """``beta="auto"``: for each Demon step σ → σ' of ``sigmas``, the largest β ≤ ``cap`` that keeps it stable.
 
     Two rules per step: β·|Δσ| ≤ 1, and the Heun β-SDE step on point-mass data leaves at most
-    ``AUTO_BETA_VARIANCE``·σ'² of variance (``heun_variance_ratio``). The first alone lets coarse grids
-    blow up (on the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel values of 300 to
+    ``AUTO_BETA_VARIANCE``^(1/S)·σ'² of variance for S Demon steps (``heun_variance_ratio``), so the run's
+    ratios multiply to at most ``AUTO_BETA_VARIANCE``. The first rule alone lets coarse grids blow up (on the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel values of 300 to
     4400). Fine steps keep β = min(cap, 1/|Δσ|); a coarse step (σ/σ' large) gets a small β, so Demon's
     candidates differ less there. ``sample_demon`` uses β_i on step i (a piecewise-constant β(σ)).
     """
