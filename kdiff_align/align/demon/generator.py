@@ -94,14 +94,19 @@ def _check_grid(grid) -> None:
                          f"got {grid!r}")
 
 
+def _json_beta(betas: list) -> list[float] | str:
+    """The β of each Demon step for result.json (numbers), or the β's text when it is a name or a callable."""
+    return [float(b) for b in betas] if all(isinstance(b, (int, float)) for b in betas) else str(betas[0])
+
+
 class DemonGenerator(abc.ABC):
     """The seed's ``DemonGenerater`` (also importable under that name): subclass it, override
     ``rewards(pils)``, call ``generate(prompt)``.
 
     Each ``generate`` writes a fresh folder under ``experiment_directory`` with ``config.json``,
     ``plain_ode.png`` (PF-ODE from the same initial noise), ``demon.png``, ``rewards.csv`` (per step:
-    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE, the grid and
-    its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every
+    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE, the β of each
+    step, the grid and its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every
     candidate). The seed's names are written too: ``init.png``, ``out.png``, ``expected_reward.txt``
     (lines ``mean std sigma seconds``) and ``expected_reward.png``.
 
@@ -268,7 +273,7 @@ class DemonGenerator(abc.ABC):
         atomic_write(folder / "expected_reward.png", lambda tmp: shutil.copyfile(plot, tmp))  # the seed's name
         result = {"plain_reward": final[0], "demon_reward": final[1], "demon_steps": info["demon_steps"],
                   "nfe": info["nfe"], "grid": self._grid_range(), "cost": self.cost(),
-                  "seconds": float(info["seconds"].sum())}
+                  "seconds": float(info["seconds"].sum()), "beta": _json_beta(info["beta"])}
         atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         (folder / "INCOMPLETE").unlink(missing_ok=True)
         return {**result, "directory": folder, "plain": pils[0], "demon": pils[1], "info": info}
