@@ -124,7 +124,8 @@ def test_sample_demon_defaults_to_auto_beta_per_step():
     same = sample_demon(mixture(), noise(2), sigmas, reward, K=3, beta=0.1, generator=gen(), disable=True)
     assert torch.equal(x, same)
     coarse = ka.get_sigmas_karras(5, 0.02, 80.0)
-    _, info = sample_demon(mixture(), noise(2) * 80 / SIGMA_MAX, coarse, reward, K=3, generator=gen(), disable=True, return_info=True)
+    _, info = sample_demon(mixture(), noise(2) * 80 / SIGMA_MAX, coarse, reward, K=3, generator=gen(), disable=True,
+                           return_info=True)
     assert info["beta"] == auto_betas(coarse, 0.11) and len(set(info["beta"])) > 1
 
 

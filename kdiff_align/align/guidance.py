@@ -29,7 +29,8 @@ class RewardGuidedDenoiser(torch.nn.Module):
     def nfe(self) -> dict:
         """Rows so far by ``utils.nfe_summary``: each call is one forward and one backward pass of its rows
         and one reward call on them."""
-        return nfe_summary(self.forward_rows, self.backward_rows, reward_calls=self.calls, reward_rows=self.forward_rows)
+        return nfe_summary(self.forward_rows, self.backward_rows, reward_calls=self.calls,
+                           reward_rows=self.forward_rows)
 
     def forward(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
         check_state(x, sigma, step=f"{self.calls} (call of the guided denoiser)", sigma_data=self.sigma_data,

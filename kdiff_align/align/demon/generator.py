@@ -106,8 +106,8 @@ class DemonGenerator(abc.ABC):
     Each ``generate`` writes a fresh folder under ``experiment_directory`` with ``config.json``,
     ``plain_ode.png`` (PF-ODE from the same initial noise), ``demon.png``, ``rewards.csv`` (per step:
     σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE, the β of each
-    step, the grid and its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every
-    candidate). The seed's names are written too: ``init.png``, ``out.png``, ``expected_reward.txt``
+    step, the grid and its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the
+    look-ahead of every candidate). The seed's names are written too: ``init.png``, ``out.png``, ``expected_reward.txt``
     (lines ``mean std sigma seconds``) and ``expected_reward.png``.
 
     Args:

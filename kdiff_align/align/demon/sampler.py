@@ -217,9 +217,10 @@ def auto_betas(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1)
 
     Two rules per step: β·|Δσ| ≤ 1, and the Heun β-SDE step on point-mass data leaves at most
     ``AUTO_BETA_VARIANCE``^(1/S)·σ'² of variance for S Demon steps (``heun_variance_ratio``), so the run's
-    ratios multiply to at most ``AUTO_BETA_VARIANCE``. The first rule alone lets coarse grids blow up (on the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel values of 300 to
-    4400). Fine steps keep β = min(cap, 1/|Δσ|); a coarse step (σ/σ' large) gets a small β, so Demon's
-    candidates differ less there. ``sample_demon`` uses β_i on step i (a piecewise-constant β(σ)).
+    ratios multiply to at most ``AUTO_BETA_VARIANCE``. The first rule alone lets coarse grids blow up (on
+    the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel values of 300 to 4400). Fine
+    steps keep β = min(cap, 1/|Δσ|); a coarse step (σ/σ' large) gets a small β, so Demon's candidates
+    differ less there. ``sample_demon`` uses β_i on step i (a piecewise-constant β(σ)).
     """
     steps, betas = demon_steps(sigmas, ode_after), []
     limit = AUTO_BETA_VARIANCE ** (1 / max(steps, 1))  # the steps' ratios multiply: the run's within the budget
@@ -334,9 +335,9 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         callback: called before each update with ``x, i, sigma, sigma_hat, denoised`` and, on Demon
             steps, ``reward`` ``[B, K]``, ``weights`` ``[B, K]``, ``tau`` ``[B]``, ``lookahead`` ``[B, K, ...]``.
         return_info: also return a dict of per-step ``sigma``, ``reward_mean``/``reward_std``/``tau``
-            ``[S, B]``, ``seconds``, ``beta`` (the β of each Demon step, a list) and ``nfe``: counted network, consistency and
-            reward calls and rows, and the NFE rule's ``forward`` (network + consistency rows),
-            ``backward`` (0) and ``total`` (``utils.nfe_summary``), all for the whole batch.
+            ``[S, B]``, ``seconds``, ``beta`` (the β of each Demon step, a list) and ``nfe``: counted
+            network, consistency and reward calls and rows, and the NFE rule's ``forward`` (network +
+            consistency rows), ``backward`` (0) and ``total`` (``utils.nfe_summary``), for the whole batch.
         max_batch: the most rows per network call (candidates are chunked, never looped one by one).
         method: the ``odeint`` method of the PF-ODE tail and of the default ``baseline`` rollout; the
             costs above are Heun's (a multistep method such as ``"dpmpp_2m"`` costs m calls for an
