@@ -10,7 +10,7 @@ method gets the same per-image budgets of network evaluations, counted by the NF
 
 - plain: the Heun PF-ODE with more steps, S = (B + 1)/2 (the reward is ignored);
 - best-of-N: N = B/39 plain 20-step samples, the highest reward kept;
-- Demon (tanh, boltzmann, optimal; Tweedie look-ahead, β = 0.1, ``ode_after=0.11``) on a 20-step grid with the K
+- Demon (tanh, boltzmann, optimal; Tweedie look-ahead, ``beta="auto"``, ``ode_after=0.11``) on a 20-step grid with the K
   whose ``demon_cost`` is closest to B;
 - SMC, ``select="resample"``, α = 1, 20 ancestral steps: prior proposal (FK steering) N = B/20
   particles, guided proposal (DAS) N = B/40 (each step adds a backward pass per particle).
@@ -20,7 +20,6 @@ with "gain / best-of-N gain" ratios; writes ``docs/img/reward_nfe.png`` and ``do
 """
 import argparse
 import math
-import warnings
 import platform
 import sys
 import time
@@ -167,7 +166,8 @@ def markdown(rows, images: int, budgets, seconds: float) -> str:
         "mean ± standard error. NFE = rows through the UNet per image (a backward pass, used by guided SMC, "
         "counts as one). Methods at each budget B: plain = Heun PF-ODE with (B + 1)/2 steps; best-of-N = "
         f"B/{2 * BASE_STEPS - 1} plain {BASE_STEPS}-step samples, best kept; Demon = {DEMON_STEPS}-step grid, "
-        "Tweedie look-ahead, β = 0.1, `ode_after=0.11`, K chosen so `demon_cost` ≈ B (K = "
+        "Tweedie look-ahead, β = \"auto\" (0.049 at σ = 80 to 0.1), `ode_after=0.11`, K chosen so "
+        "`demon_cost` ≈ B (K = "
         f"{', '.join(str(demon_k(ka.get_sigmas_karras(DEMON_STEPS, 0.002, 80.0), b)) for b in budgets)} here); "
         "SMC = α = 1, "
         f"{SMC_STEPS} ancestral steps, one resampled draw (prior: N = B/{SMC_STEPS}; guided: "
@@ -203,7 +203,6 @@ def main(argv=None):
     images = args.images or (2 if args.quick else 8)
     budgets = (160,) if args.quick else (160, 320, 640)
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="beta=.* the beta-SDE step is inaccurate")
     start = time.perf_counter()
     print(f"Reward per NFE, Fashion-MNIST, classifier logit of '{CLASS}', {images} images per point")
     rows = measure(images, budgets)

@@ -132,6 +132,13 @@ def constrained_samples(model, x0, labels, extra, mask, classifier, steps=10, n_
     return results
 
 
+def _nfe(nfe) -> str:
+    """A table cell for an NFE count: a number, or ``utils.nfe_summary``'s forward + backward = total."""
+    if not isinstance(nfe, dict):
+        return str(nfe)
+    return f"{nfe['forward']} + {nfe['backward']} = {nfe['total']:.0f}" if nfe["backward"] else str(nfe["forward"])
+
+
 def plots(out: Path, spec, curves, samples, x0, mask, sigma_fixed) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     sig = [r["sigma"] for r in spec]
@@ -172,7 +179,7 @@ def table(spec, curves, samples, sigma_fixed, k) -> str:
         start = f"{curves[kind][0]:.3f} → {curves[kind][-1]:.3f}" if kind in curves else "–"
         s = samples[kind]
         lines.append(f"| {LABELS.get(kind, 'unconstrained')} | {start} | {s['residual']:.3f} | "
-                     f"{s['accuracy']:.2f} | {s['nfe']} |")
+                     f"{s['accuracy']:.2f} | {_nfe(s['nfe'])} |")
     return "\n".join(lines) + "\n"
 
 

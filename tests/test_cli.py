@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kdiff_align as ka
 from kdiff_align.apps import cliargs
 from kdiff_align.apps.cli import main, parser
 
@@ -227,7 +228,10 @@ def test_defaults_run_without_warnings_and_the_demon_folder_has_its_pictures(tmp
     assert not (folder / "INCOMPLETE").exists()
     assert "classifier logit of 'sandal'" in result.stdout  # the reward is named where the numbers are
     config = json.loads((folder / "config.json").read_text())
-    assert config["T"] == 20 and 0 < config["beta"] < 0.1  # --beta auto: β·|Δσ| ≤ 1 on the 80 → 57 first step
+    # --beta auto: β per Demon step, β·|Δσ| = 1 on the 80 → 59.7 first step, at most the cap 0.1
+    betas, sigmas = json.loads((folder / "result.json").read_text())["beta"], ka.get_sigmas_karras(20, 0.002, 80.0)
+    assert config["T"] == 20 and config["beta"] == "auto" and max(betas) <= 0.1
+    assert betas[0] == pytest.approx(1 / float(sigmas[0] - sigmas[1]), rel=1e-6)
 
 
 def test_a_fixed_typo_reruns_in_the_same_folder(tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import numpy as np
 from PIL import Image
 
+from kdiff_align.align.demon import demon_steps
 from kdiff_align.apps import demo
 from kdiff_align.apps.cli import main
 
@@ -21,14 +22,23 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     by_key = {(r["method"], r["reward"]): r for r in results}
     assert {by_key[m, r]["kind"] for m in baselines for r in REWARDS} == {"constrained"}
     assert {by_key[m, r]["kind"] for m in methods for r in REWARDS} == {"reward"}
-    # --quick: 5 Heun steps = 9 evaluations per image (the last step is Euler); best-of-4 pays 4×.
-    assert by_key["plain", "-JPEG kB"]["nfe"] == 9 and by_key["best-of-4", "-JPEG kB"]["nfe"] == 36
+    # --quick: 8 Heun steps = 15 evaluations per image (the last step is Euler); best-of-4 pays 4×.
+    assert demo.QUICK == (2, 8)
+    assert by_key["plain", "-JPEG kB"]["nfe"] == 15 and by_key["best-of-4", "-JPEG kB"]["nfe"] == 60
+    # reward calls (for the batch) and images scored per output image, counted by a CountingReward:
+    # plain none; best-of-4 one call on 4 per image; Demon one call per Demon step on K = 4 candidates; SMC
+    # (potential at each of the 8 steps) one call per step on N = 4 particles
+    steps = demon_steps(demo.toy.load("fashion").sigmas(8), 0.11)
+    expected = {"plain": (0, 0), "best-of-4": (1, 4), "demon K=4": (steps, 4 * steps), "SMC N=4": (8, 32),
+                "Newton inpaint": (0, 0)}
+    for (method, reward), row in by_key.items():
+        assert (row["reward_calls"], row["reward_rows"]) == expected[method], (method, reward)
     for reward in REWARDS:
         # best-of-4's pool contains plain's sample from the same x_T, so it can only be better; the
         # 1e-3 slack covers the float differences of evaluating that sample in a larger batch.
         assert by_key["best-of-4", reward]["mean"] >= by_key["plain", reward]["mean"] - 1e-3
     out = capsys.readouterr().out
-    assert all(name in out for name in methods + baselines) and "NFE/img" in out
+    assert all(name in out for name in methods + baselines) and "NFE/img" in out and "rewards/img" in out
     assert "constrained baseline" in out and "ignores the reward" in out
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -100,3 +110,22 @@ def test_a_methods_warning_becomes_a_note_of_the_summary(tmp_path, monkeypatch):
         warnings.simplefilter("error")  # a warning escaping the demo would fail here
         results = demo.run(tmp_path, quick=True, disable=True)
     assert [r["notes"] for r in results] == [["heavy-tailed SMC weights (a stand-in)"]] * 2
+
+
+def test_quick_demo_demon_images_look_like_data():
+    """Issue 23: the quick demo's Demon grid was noise (pixels up to 340, classifier logits ±120) and the demo
+    test passed. With the quick settings and seeds, the Demon images stay in the data's range: data lie in
+    [-1, 1], so an image's RMS is at most 1 (1.2 allows the sampler's overshoot; measured 0.92 and 0.94; the
+    diverged grid had 84 to 87, β·|Δσ| ≤ 1 alone on 8 steps 2.9), at most 1 % of pixels leave [-1.5, 1.5]
+    (measured 0.77 %, plain sampling 0.13 %; diverged 62 to 99 %), and the classifier's largest |logit| stays
+    below 10 (measured 3.3; plain sampling 2.9 to 3.7; diverged 123 to 129)."""
+    import torch
+    pipe = demo.toy.load("fashion")
+    batch, steps = demo.QUICK
+    x_T = pipe.get_init_latent(batch, torch.Generator().manual_seed(0))  # run()'s seeds
+    x0, _ = demo.demon(pipe, x_T, demo.toy.classifier_reward(pipe, demo.CLASS_NAME), torch.Generator().manual_seed(1),
+                       True, steps)
+    assert (x0.flatten(1).pow(2).mean(1).sqrt() <= 1.2).all()
+    assert (x0.abs() > 1.5).float().mean() <= 0.01
+    with torch.no_grad():
+        assert pipe.classifier(x0).abs().max() < 10

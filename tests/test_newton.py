@@ -10,7 +10,7 @@ import kdiff_align as ka
 from kdiff_align.align import newton
 from kdiff_align.align.dps import sample_dps
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
-from kdiff_align.utils import BACKWARD_COST, generators
+from kdiff_align.utils import BACKWARD_COST, DivergedError, generators, nfe_summary
 
 SEEDS = st.integers(0, 2**31 - 1)
 
@@ -222,7 +222,8 @@ def test_contraction_bound_on_linear_fixture(c, converges):
     """With λ = c/μ², μ² the top eigenvalue of M J² M, the residual map e ← (I − λ M J²) e contracts iff c < 2.
 
     Spectrum 4 → 0.3 at σ = 0.5 keeps the slowest observed mode's rate ≤ 1 − 0.5·0.16 so 300 iterations shrink
-    every mode by > 1e10 at c = 0.5 (bound 1e-6 is loose); at c = 2.1 the top mode grows like 1.1³⁰⁰ ≈ 1e12."""
+    every mode by > 1e10 at c = 0.5 (bound 1e-6 is loose); at c = 2.1 the top mode grows like 1.1³⁰⁰ ≈ 1e12,
+    which ``check_state`` stops as a divergence (issue 23) unless σ_data is set far out of range."""
     model, mask, y = _masked_problem()
     model = full_gaussian(lo=0.3)
     sigma = 0.5
@@ -230,8 +231,13 @@ def test_contraction_bound_on_linear_fixture(c, converges):
     m = torch.diag(mask)
     mu2 = torch.linalg.eigvalsh(m @ jac @ jac @ m).max()
     x = torch.randn(4, 16, generator=gen(3), dtype=torch.float64)
-    _, _, info = newton.newton_step(model, x, sigma, newton.linear_residual(newton.Mask(mask), y), n_iter=300,
-                                    lr=float(c / mu2), normalize="none", step_space="ve", return_info=True)
+    step = lambda **kw: newton.newton_step(model, x, sigma, newton.linear_residual(newton.Mask(mask), y),  # noqa: E731
+                                           n_iter=300, lr=float(c / mu2), normalize="none", step_space="ve",
+                                           return_info=True, **kw)
+    if not converges:
+        with pytest.raises(DivergedError, match=r"step \d+ of the Newton iterations \(sigma=0.5\).*smaller lr"):
+            step()
+    _, _, info = step(sigma_data=1e15)
     ratio = info["residual"][:, -1] / info["residual"][:, 0]
     assert (ratio < 1e-6).all() if converges else (ratio > 1e6).all()
 
@@ -296,37 +302,59 @@ def test_batch_equals_per_sample_loop():
     assert torch.allclose(batch, looped, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("direction, jvp_method, per_iter", [("J", "fd", 2), ("J", "central", 2), ("JT", "fd", 2),
-                                                             ("Jinv", "fd", 5)])
-def test_nfe_accounting(direction, jvp_method, per_iter):
-    """n_iter = K costs exactly 2K calls (+1 without ``denoised``); central batches its two points (2B rows); Jinv with
-    cg_iters = 4 costs 4 matvecs + 1; info["nfe"] equals the counted calls."""
-    model = CountingDenoiser(mixture())
+class CountingBackward(CountingDenoiser):
+    """A ``CountingDenoiser`` that also counts the rows each backward pass through it differentiates."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.backward_rows = 0
+
+    def forward(self, x, sigma, **kwargs):
+        out = super().forward(x, sigma, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: setattr(self, "backward_rows", self.backward_rows + grad.shape[0]))
+        return out
+
+
+@pytest.mark.parametrize("direction, jvp_method, forward, backward", [
+    ("J", "fd", 7, 0), ("J", "central", 10, 0), ("JT", "fd", 7, 3), ("Jinv", "fd", 16, 0),
+    ("Jinv", "central", 28, 0), ("J", "forward_ad", 7, 0)])
+def test_nfe_accounting(direction, jvp_method, forward, backward):
+    """info["nfe"] is ``utils.nfe_summary`` of the rows a CountingDenoiser saw (÷ B) and the backward rows it was
+    differentiated through: n_iter = 3 costs 1 + 3·(JVP + 1); a JVP is 1 row per sample by "fd" (D(x) reused),
+    2 by "central" (both points in one call), a Jᵀe one forward with graph + one backward, Jinv 4 CG matvecs.
+    The issue's counts: JT 7 forward + 3 backward = 10 (was reported 7), central 10 (was 7)."""
+    model = CountingBackward(mixture())
     x = torch.randn(2, 4, generator=gen(0))
     res = newton.linear_residual(newton.Mask(torch.tensor([1.0, 0, 1, 0])), torch.ones(2, 4))
     _, _, info = newton.newton_step(model, x, 1.0, res, n_iter=3, direction=direction, jvp_method=jvp_method,
                                     cg_iters=4, return_info=True)
-    assert model.calls == info["nfe"] == 3 * per_iter + 1
+    assert (model.rows // 2, model.backward_rows // 2) == (forward, backward)
+    assert info["nfe"] == nfe_summary(forward, backward) and info["nfe"]["total"] == forward + BACKWARD_COST * backward
     denoised = model(x, torch.ones(2))
-    model.calls = 0
+    model.rows = 0
     newton.newton_step(model, x, 1.0, res, n_iter=3, direction=direction, jvp_method=jvp_method, cg_iters=4,
                        denoised=denoised)
-    assert model.calls == 3 * per_iter
+    assert model.rows // 2 == forward - 1
 
 
-@pytest.mark.parametrize("sampler, extra", [("ddim", 0), ("euler", 0), ("heun", 1)])
-def test_sampler_nfe_and_window(sampler, extra):
-    """S steps with W inside the σ-window cost S + 2K·W calls (Heun adds one per step to σ > 0)."""
-    model = CountingDenoiser(mixture())
+@pytest.mark.parametrize("sampler, direction, extra, per_iter_backward", [
+    ("ddim", "J", 0, 0), ("euler", "J", 0, 0), ("heun", "J", 1, 0), ("ddim", "JT", 0, 1)])
+def test_sampler_nfe_and_window(sampler, direction, extra, per_iter_backward):
+    """S steps with W inside the σ-window cost S + 2K·W forward rows per sample (Heun adds one per step to σ > 0)
+    and, with direction="JT", K·W backward rows; info["nfe"] equals the counted rows by the NFE rule."""
+    model = CountingBackward(mixture())
     sigmas = ka.get_sigmas_karras(8, 0.05, 10.0)
     window = (0.3, 3.0)
     inside = sum(window[0] <= float(s) <= window[1] for s in sigmas[:-1])
     res = newton.linear_residual(newton.Mask(torch.tensor([1.0, 0, 1, 0])), torch.ones(1, 4))
     x, info = newton.sample_constrained(model, torch.randn(2, 4, generator=gen(0)) * 10, sigmas, res,
-                                        sampler=sampler, window=window, n_iter=2, eta=0.5,
+                                        sampler=sampler, window=window, n_iter=2, eta=0.5, direction=direction,
                                         generator=gen(1), return_info=True)
     assert 0 < inside < 8
-    assert model.calls == info["nfe"] == 8 + 4 * inside + extra * 7
+    forward, backward = 8 + 4 * inside + extra * 7, 2 * inside * per_iter_backward
+    assert (model.rows // 2, model.backward_rows // 2) == (forward, backward)
+    assert info["nfe"] == nfe_summary(forward, backward)
     assert torch.isnan(info["residual"]).sum() == 2 * (8 - inside)
 
 
@@ -334,8 +362,10 @@ def test_exact_newton_solves_linear_constraint_in_one_step():
     """J⁻¹e by d CG iterations is exact for linear D, so one unnormalised step with λ = 1 gives A x̂₀ = y."""
     model, mask, y = _masked_problem()
     x = torch.randn(4, 16, generator=gen(2), dtype=torch.float64)
+    # J⁻¹ of the 0.01-variance modes is 26×, which moves x to RMS 15 at σ = 0.5: an exact solve, not a blow-up,
+    # so the divergence check is widened (sigma_data=10)
     _, denoised = newton.newton_step(model, x, 0.5, newton.linear_residual(newton.Mask(mask), y), n_iter=1, lr=1.0,
-                                     direction="Jinv", cg_iters=16, normalize="none", step_space="vp")
+                                     direction="Jinv", cg_iters=16, normalize="none", step_space="vp", sigma_data=10.0)
     assert (mask * (denoised - y)).abs().max() < 1e-8
 
 
@@ -397,17 +427,18 @@ def test_posterior_reference_on_gaussian():
 
 def test_dps_baseline_moves_towards_constraint():
     """DPS (Jᵀe through the network, after the solver step) lowers the observed residual against the same
-    seeded sampler without guidance, on the mixture (a factor 0.7 is a loose bound on one run)."""
-    model = mixture(4)
+    seeded sampler without guidance, on the mixture (a factor 0.7 is a loose bound on one run). Its NFE are
+    the counted rows: 30 forward, 29 backward (the step to σ = 0 returns x̂₀ and takes no gradient)."""
+    model = CountingBackward(mixture(4))
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
     y = torch.tensor([[0.5, -0.5, 0.0, 0.0]])
     sigmas = ka.get_sigmas_karras(30, 0.02, 10.0)
     x_T = torch.randn(64, 4, generator=gen(0)) * 10
     res = newton.linear_residual(newton.Mask(mask), y)
     dps, info = sample_dps(model, x_T, sigmas, res, zeta=0.3, step_space="ve", generator=gen(1), return_info=True)
+    assert (model.rows // 64, model.backward_rows // 64) == (30, 29)
     plain = ka.sdeint(model, x_T, sigmas, eta=1.0, generator=gen(1))
-    assert info["nfe"] == dict(forward=30, backward=30, total=30 + 30 * BACKWARD_COST,
-                               reward_calls=0, reward_rows=0)
+    assert info["nfe"] == dict(forward=30, backward=29, total=30 + 29 * BACKWARD_COST, reward_calls=0, reward_rows=0)
     err = lambda x: (mask * (x - y)).pow(2).sum(1).sqrt().mean()
     assert err(dps) < 0.7 * err(plain)
 

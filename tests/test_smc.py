@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 import kdiff_align as ka
 from kdiff_align.align import smc
 from kdiff_align.testing import GaussianDenoiser, MixtureDenoiser
-from kdiff_align.utils import BACKWARD_COST, generators
+from kdiff_align.utils import BACKWARD_COST, CountingReward, generators
 from strategies import seeds
 
 M = torch.tensor([1.0, -0.5])
@@ -246,14 +246,19 @@ def test_detached_gradient_equals_full_on_a_gaussian_with_sigma_data():
 
 
 def test_nfe_accounting():
-    res, _ = run(groups=2, n=4, steps=10)  # guided, exp schedule: λ_{i+1} > 0 from step 0 on
+    """Counts by kind, the NFE rule's keys, and reward calls and rows equal to those a CountingReward saw."""
+    counted = CountingReward(quadratic)
+    res, _ = run(groups=2, n=4, steps=10, reward=counted)  # guided, exp schedule: λ_{i+1} > 0 from step 0 on
     total = 80 + 72 * BACKWARD_COST  # forward rows + backward rows in forward equivalents (the NFE rule)
+    assert (counted.calls, counted.rows) == (10, 80)  # 9 guided steps + the terminal potential, 8 rows each
     assert res.nfe == dict(calls=10, denoiser=8, denoiser_grad=72, reward=8, reward_grad=72, forward=80, backward=72,
-                           total=total)
+                           total=total, reward_calls=counted.calls, reward_rows=counted.rows)
+    counted = CountingReward(quadratic)
     res, _ = run(groups=2, n=4, steps=10, proposal="prior", resample_every=3, resample_window=(2, 8),
-                 max_batch=3)
+                 max_batch=3, reward=counted)
+    assert (counted.calls, counted.rows) == (4 * 3, 4 * 8)  # steps 2, 5, 8, 9; 8 rows in chunks of 3
     assert res.nfe == dict(calls=30, denoiser=80, denoiser_grad=0, reward=8 * 4, reward_grad=0,  # steps 2,5,8,9
-                           forward=80, backward=0, total=80.0)
+                           forward=80, backward=0, total=80.0, reward_calls=12, reward_rows=32)
     assert res.reward_mean.isnan().sum() == 2 * 6
 
 

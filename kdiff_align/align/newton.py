@@ -24,7 +24,7 @@ from tqdm.auto import trange
 from ..cond import cat_kwargs
 from ..sampling import ode_step, sde_step
 from ..sampling.multistep import MultistepSolver
-from ..utils import Generator, append_dims, as_sigma, check_finite, check_sigmas
+from ..utils import Generator, append_dims, as_sigma, check_finite, check_sigmas, check_state, nfe_summary
 
 JVP_METHODS = ("fd", "central", "forward_ad")
 DIRECTIONS = ("J", "JT", "Jinv")
@@ -359,15 +359,26 @@ def check_residual(e, x0: Tensor) -> Tensor:
     return check_finite(e.to(x0.dtype), "residual(x0_hat)")
 
 
+def counting(model, counts: dict) -> Callable:
+    """``model``, adding the rows it evaluates to ``counts["forward"]`` (the NFE rule counts rows, not calls)."""
+    def call(x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        counts["forward"] += x.shape[0]
+        return model(x, sigma, **kwargs)
+    return call
+
+
 @torch.no_grad()
 def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *, n_iter: int = 5, lr=(0.5, 0.1),
                 h: float = 5e-3, normalize: str = "inf", direction: str = "J", step_space: str = "vp",
                 tol: float | None = None, jvp_method: str = "fd", cg_iters: int = 10,
-                extra_args: dict | None = None, denoised: Tensor | None = None, return_info: bool = False):
+                extra_args: dict | None = None, denoised: Tensor | None = None, return_info: bool = False,
+                sigma_data: float = 1.0):
     """K inexact-Newton iterations x ← x + λ_k·normalize(J·e) at fixed σ, e = residual(D(x, σ)).
 
-    Each iteration costs 2 network calls with ``direction="J"`` (the JVP and D at the moved x, which the
-    next iteration and the caller reuse), so n_iter = K costs exactly 2K (+1 if ``denoised`` is None).
+    Each iteration costs 2 evaluations per sample with ``direction="J"`` and ``jvp_method="fd"`` (the JVP
+    and D at the moved x, which the next iteration and the caller reuse), so n_iter = K costs exactly 2K
+    (+1 if ``denoised`` is None); ``"central"`` costs 3 per iteration (two JVP points), ``"JT"`` 2 forward
+    and 1 backward, ``"Jinv"`` ``cg_iters`` JVPs + 1. ``info["nfe"]`` counts them (``utils.nfe_summary``).
 
     Args:
         lr: λ schedule, see ``lr_schedule``; ``(0.5, 0.1)`` with K = 5 is the reference's 0.5, 0.4, …, 0.1.
@@ -381,9 +392,13 @@ def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *
         tol: samples whose residual RMS is ≤ tol stop moving; iterations stop when all have.
         denoised: D(x, σ) if known (saves one call).
 
+        sigma_data: the data's RMS scale for ``utils.check_state``: x after every iteration must keep its
+            per-item RMS within ``DIVERGENCE_C``·√(σ² + σ_data²), or a ``DivergedError`` names the iteration.
+
     Returns:
         ``(x, denoised)`` with denoised = D(x, σ) at the returned x, or ``(x, denoised, info)`` where info
-        has ``residual`` ``[B, K + 1]`` (RMS of e before each iteration and at the end), ``nfe`` and ``lr``.
+        has ``residual`` ``[B, K + 1]`` (RMS of e before each iteration and at the end), ``lr`` and ``nfe``:
+        forward and backward evaluations per sample (rows counted ÷ B) and their total, by the NFE rule.
     """
     check_choice(direction, DIRECTIONS, "direction")
     check_choice(step_space, STEP_SPACES, "step_space")
@@ -394,9 +409,10 @@ def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *
         raise TypeError(f"residual must be a callable x0_hat -> e, got {type(residual).__name__}")
     extra_args = {} if extra_args is None else extra_args
     sigma = as_sigma(sigma, x)
-    nfe = 0
+    counts = {"forward": 0, "backward": 0}
+    model = counting(model, counts)
     if denoised is None:
-        denoised, nfe = model(x, sigma, **extra_args), 1
+        denoised = model(x, sigma, **extra_args)
     scale = (1 + sigma**2).sqrt() if step_space == "vp" else torch.ones_like(sigma)
     lrs, history = lr_schedule(lr, n_iter, float(sigma.max())), []
     for k in range(n_iter):
@@ -407,24 +423,25 @@ def newton_step(model, x: Tensor, sigma, residual: Callable[[Tensor], Tensor], *
             break
         if direction == "J":
             g, _ = jvp(model, x, sigma, e, method=jvp_method, h=h * scale, extra_args=extra_args, denoised=denoised)
-            nfe += 1
         elif direction == "JT":
             g, _ = vjp(model, x, sigma, e, extra_args=extra_args)
-            nfe += 1
+            counts["backward"] += x.shape[0]
         else:
             matvec = lambda p: jvp(model, x, sigma, p, method=jvp_method, h=h * scale, extra_args=extra_args,
                                    denoised=denoised)[0]
             g = _cg(matvec, e, cg_iters)
-            nfe += cg_iters
         if normalize == "none":  # J_t = ∂x̂₀/∂x_t = J·√(1+σ²); Newton's J_t⁻¹e is J⁻¹e/√(1+σ²)
             step = g * append_dims(scale ** (2 if direction != "Jinv" else 0), x.ndim)
         else:
             step = normalize_step(g, normalize) * append_dims(scale, x.ndim)
         x = x + lrs[k] * append_dims(active.to(x.dtype), x.ndim) * step
-        denoised, nfe = model(x, sigma, **extra_args), nfe + 1
+        check_state(x, sigma, step=f"{k} of the Newton iterations", sigma_data=sigma_data,
+                    setting="the constraint step is too large: use a smaller lr, normalize='inf' or fewer iterations")
+        denoised = model(x, sigma, **extra_args)
     if not return_info:
         return x, denoised
     history.append(rms(check_residual(residual(denoised), denoised)))
+    nfe = nfe_summary(counts["forward"] // x.shape[0], counts["backward"] // x.shape[0])
     return x, denoised, {"residual": torch.stack(history, 1), "nfe": nfe, "lr": lrs[:len(history) - 1]}
 
 
@@ -486,7 +503,7 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
                        h: float = 5e-3, normalize: str = "inf", direction: str = "J", step_space: str = "vp",
                        tol: float | None = None, jvp_method: str = "fd", cg_iters: int = 10,
                        extra_args: dict | None = None, callback: Callable | None = None, disable: bool | None = None,
-                       generator: Generator = None, return_info: bool = False):
+                       generator: Generator = None, return_info: bool = False, sigma_data: float = 1.0):
     """Sample with inexact-Newton constraint steps inside a σ-window (Graikos et al. 2024, Alg. 1).
 
     At each σ_i in the window, ``newton_step`` moves x towards the constraint and the solver update is
@@ -501,29 +518,38 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
             post-constraint x̂₀ as their history).
         window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``;
             one that selects no step σ_i of the grid is rejected (``check_window``).
+        sigma_data: the data's RMS scale for ``utils.check_state`` after every Newton iteration and solver
+            step (a ``DivergedError`` names the step, σ and the setting to change).
 
     Returns:
         x, or ``(x, info)`` with ``info["residual"]`` ``[B, steps]`` (RMS of e after each step's
-        constraint, NaN outside the window) and ``info["nfe"]``.
+        constraint, NaN outside the window) and ``info["nfe"]``: forward and backward evaluations per
+        sample, counted, and their total by the NFE rule (``utils.nfe_summary``).
     """
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     check_window(window, sigmas)
     check_lr(lr)
     stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
-    nfe, history = 0, []
+    counts, history = {"forward": 0, "backward": 0}, []
+    net = counting(model, counts)
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = as_sigma(sigmas[i], x)
-        denoised, nfe = model(x, sigma, **extra_args), nfe + 1
+        denoised = net(x, sigma, **extra_args)
         res = torch.full((x.shape[0],), float("nan"), dtype=x.dtype, device=x.device)
         if in_window(window, float(sigmas[i])):
             x, denoised, info = newton_step(
-                model, x, sigma, residual, n_iter=n_iter, lr=lr, h=h, normalize=normalize, direction=direction,
+                net, x, sigma, residual, n_iter=n_iter, lr=lr, h=h, normalize=normalize, direction=direction,
                 step_space=step_space, tol=tol, jvp_method=jvp_method, cg_iters=cg_iters, extra_args=extra_args,
-                denoised=denoised, return_info=True)
-            nfe, res = nfe + info["nfe"], info["residual"][:, -1]
+                denoised=denoised, return_info=True, sigma_data=sigma_data)
+            counts["backward"] += info["nfe"]["backward"] * x.shape[0]
+            res = info["residual"][:, -1]
         history.append(res)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = solver_step(model, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
-        nfe += (sampler == "heun") and bool(sigmas[i + 1] > 0)
-    return (x, {"residual": torch.stack(history, 1), "nfe": nfe}) if return_info else x
+        x = solver_step(net, x, sigma, sigmas[i + 1], denoised, stepper, eta, extra_args, generator, i)
+        check_state(x, sigmas[i + 1], step=i, sigma_data=sigma_data,
+                    setting="the constrained steps diverged: use a smaller lr, fewer n_iter or more steps")
+    if not return_info:
+        return x
+    nfe = nfe_summary(counts["forward"] // x.shape[0], counts["backward"] // x.shape[0])
+    return x, {"residual": torch.stack(history, 1), "nfe": nfe}

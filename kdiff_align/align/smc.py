@@ -22,7 +22,8 @@ from tqdm.auto import trange
 from ..cond import batched_call, broadcast_kwargs, slice_kwargs
 from ..rewards import check_rewards
 from ..sampling import sde_step
-from ..utils import append_dims, check_finite, check_generator, check_sigmas, get_ancestral_step, nfe_summary
+from ..utils import (CountingReward, append_dims, check_finite, check_generator, check_sigmas, check_state,
+                     get_ancestral_step, nfe_summary)
 from .resampling import RESAMPLING, ess, normalize, resample, uniforms
 
 TEMPERING = ("exp", "linear", "none", "adaptive")
@@ -45,7 +46,8 @@ class SMCResult:
     with zero weight (log-weight −inf, from a reward of −inf). ``nfe`` counts rows by kind (``denoiser``
     without graph, ``denoiser_grad`` with graph and one backward each, ``reward``, ``reward_grad``) and,
     by the NFE rule (``utils.nfe_summary``), ``forward`` (denoiser rows), ``backward`` (backward rows
-    through the denoiser) and ``total`` (forward equivalents).
+    through the denoiser), ``total`` (forward equivalents), ``reward_calls`` and ``reward_rows`` (calls of
+    the reward and of ``proposal_reward``, and the rows they scored, counted).
     ``min_cess`` ``[B]`` is the smallest conditional ESS N·(ΣW·w̃)²/ΣW·w̃² of any reweighting (W the
     weights before it, w̃ the incremental weight): below ``CESS_WARN``·N, Ẑ and the weighted estimates
     rest on a few particles and ``sample_smc`` warns.
@@ -374,6 +376,9 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
             ``log_Z`` and the weighted estimates are unreliable when an incremental weight's
             conditional ESS falls below ``CESS_WARN``·N (``min_cess``); the sampler then warns.
         generator: one ``torch.Generator``, or one per group so a group's run does not depend on others.
+        sigma_data: also the data's RMS scale for ``utils.check_state``: the particles after every step
+            must keep their RMS within ``DIVERGENCE_C``·√(σ² + σ_data²) (and x̂₀ within
+            ``DIVERGENCE_C``·σ_data), or the run stops with a ``DivergedError`` naming the step and σ.
     """
     _check_args(model, x, sigmas, reward, num_particles, alpha, tempering, proposal, grad, potential, eta,
                 ess_threshold, resampling, select, generator)
@@ -382,7 +387,10 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
     lam_sched = _lambdas(tempering, steps, reach, gamma, x.device)
     at_potential = _potential_steps(steps, resample_every, resample_window)
     kwargs = _expand_args(extra_args, groups, n)
-    guide = proposal_reward if proposal_reward is not None else reward
+    reward = CountingReward(reward)
+    guide = CountingReward(proposal_reward) if proposal_reward is not None else reward
+    setting = ("the guided drift is too strong: use a larger alpha, proposal='prior' or more steps"
+               if proposal == "guided" else "use more steps")
     f64 = dict(dtype=torch.float64, device=x.device)
     nfe = dict(calls=0, denoiser=0, denoiser_grad=0, reward=0, reward_grad=0)
     trace = {k: torch.full((steps, groups), math.nan, **f64) for k in ("ess", "lambdas", "reward_mean", "reward_max")}
@@ -449,11 +457,16 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
                 log_w[resampled[i]] = -math.log(n)
         state["x"], log_ratio = _propose(model, state, sigmas[i], sigmas[i + 1], eta, groups, n, generator,
                                          lam if lam_sched is None else lam_sched[i + 1].expand(groups), alpha)
+        check_state(state["x"].flatten(0, 1), sigmas[i + 1], step=i, setting=setting, sigma_data=sigma_data)
         if log_ratio is not None:
             reweight(log_ratio)
 
     _warn_heavy_tails(min_cess, n, potential)
-    nfe.update(nfe_summary(nfe["denoiser"] + nfe["denoiser_grad"], nfe["denoiser_grad"]))
+    check_state(state["denoised"].flatten(0, 1), 0.0, step=steps - 1, setting=setting, sigma_data=sigma_data)
+    calls = reward.calls + (guide.calls if guide is not reward else 0)
+    rows = reward.rows + (guide.rows if guide is not reward else 0)
+    nfe.update(nfe_summary(nfe["denoiser"] + nfe["denoiser_grad"], nfe["denoiser_grad"], reward_calls=calls,
+                           reward_rows=rows))
     x0, rewards, log_w = _select(select, state["denoised"], state["reward"], log_w, resampling, generator)
     return SMCResult(x0=x0, log_weights=log_w, log_Z=log_z, ess=trace["ess"], lambdas=trace["lambdas"],
                      resampled=resampled, ancestors=ancestors, reward_mean=trace["reward_mean"],

@@ -337,8 +337,8 @@ def add_demon_arguments(p, prefix: str = "") -> None:
     from ..align.demon import DEMON_TYPES, R_OF_C
     p.add_argument("--K", type=positive_int, default=8, help=prefix + "candidate noises per step")
     p.add_argument("--beta", type=beta, default="auto",
-                   help=prefix + "beta of the Karras SDE; auto = min(0.1, 1/largest sigma step), which keeps "
-                                 "the beta-SDE step accurate")
+                   help=prefix + "beta of the Karras SDE; auto = the largest beta <= 0.1 with beta*|dsigma| <= 1 "
+                                 "whose Heun step keeps a bounded variance on every Demon step (stays stable)")
     p.add_argument("--tau", type=tau, default="adaptive",
                    help=prefix + "temperature of the weights: adaptive (std of the K rewards) or a number > 0")
     p.add_argument("--demon-type", default="tanh", choices=DEMON_TYPES, help=prefix + "weighting of the rewards")

@@ -8,8 +8,11 @@ A method entry is ``fn(pipe, x_T, reward, generator, disable, steps) -> (images,
 ``[B, *latent_shape]`` noise at σ_max, ``reward(x0) -> [B]``, ``nfe`` the network evaluations spent
 per output image: a number of forward evaluations, or ``utils.nfe_summary(forward, backward)`` for a
 method that backpropagates through the network (``results.json`` holds ``nfe_forward``,
-``nfe_backward`` and ``nfe``, their total in forward equivalents). Add an alignment method by adding
-one entry to the dict returned by ``methods``.
+``nfe_backward`` and ``nfe``, their total in forward equivalents). The reward a method receives is
+wrapped in ``utils.CountingReward``: ``results.json`` also holds ``reward_calls`` (calls for the whole
+batch, which is scored together) and ``reward_rows`` (images scored per output image), the cost of a
+VLM or human reward; the final scoring of the results is not counted. Add an alignment method by
+adding one entry to the dict returned by ``methods``.
 
 ``constrained_baselines()`` are methods that follow a constraint instead of the reward (inexact-Newton
 inpainting: the left half is fixed): they run once, are scored under every reward for reference, and
@@ -31,14 +34,15 @@ from torch import Tensor
 
 from .. import rewards, sampling
 from ..align import search
-from ..align.demon import auto_beta, sample_demon
+from ..align.demon import sample_demon
 from ..align.newton import Mask, linear_residual, sample_constrained
 from ..align.smc import sample_smc
 from ..models import toy
 from ..testing import CountingDenoiser
-from ..utils import atomic_write, nfe_summary
+from ..utils import CountingReward, atomic_write, nfe_summary
 
 CLASS_NAME = "bag"
+QUICK, FULL = (2, 8), (8, 20)  # (images, steps) of --quick and of the full run; 8 steps keep Demon's β-SDE stable
 
 
 def unconditional(pipe) -> CountingDenoiser:
@@ -63,9 +67,9 @@ def best_of_n(pipe, x_T: Tensor, reward, generator, disable, steps: int, n: int 
 
 
 def demon(pipe, x_T: Tensor, reward, generator, disable, steps: int, K: int = 4) -> tuple[Tensor, float]:
-    """Sampling Demon (tanh, adaptive τ, one-step x̂₀ look-ahead, K candidates per step)."""
+    """Sampling Demon (tanh, adaptive τ, one-step x̂₀ look-ahead, K candidates per step, beta="auto")."""
     model, sigmas = unconditional(pipe), pipe.sigmas(steps)
-    x0 = sample_demon(model, x_T, sigmas, reward, K=K, beta=auto_beta(sigmas), generator=generator, disable=disable)
+    x0 = sample_demon(model, x_T, sigmas, reward, K=K, generator=generator, disable=disable)
     return x0, model.rows / x_T.shape[0]
 
 
@@ -223,18 +227,20 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
     matplotlib.use("Agg")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    batch, steps = (2, 5) if quick else (8, 20)
+    batch, steps = QUICK if quick else FULL
     pipe = toy.load("fashion", device)
     x_T = pipe.get_init_latent(batch, torch.Generator().manual_seed(seed))
     results, reward_fns = [], demo_rewards(pipe)
     for method, fn in methods().items():
         images, scores = {}, {}
         for reward_name, reward in reward_fns.items():
-            start = time.perf_counter()
+            start, counted = time.perf_counter(), CountingReward(reward)
             with warnings.catch_warnings(record=True) as caught:  # reported in the summary, not as Python warnings
                 warnings.simplefilter("always")
-                x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
+                x0, nfe = fn(pipe, x_T, counted, torch.Generator().manual_seed(seed + 1), disable, steps)
             seconds = time.perf_counter() - start
+            nfe = {**(nfe if isinstance(nfe, dict) else nfe_summary(nfe)), "reward_calls": counted.calls,
+                   "reward_rows": counted.rows / batch}
             images[reward_name], scores[reward_name] = x0.detach().cpu(), _score(reward, x0, batch, reward_name)
             row = _row(method, reward_name, scores[reward_name], nfe, seconds / batch, "reward")
             results.append({**row, "notes": list(dict.fromkeys(str(w.message) for w in caught))})
@@ -266,17 +272,20 @@ def _row(method: str, reward: str, r: Tensor, nfe: float | dict, seconds: float,
     nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule
     sem = (r.std() / len(r) ** 0.5).item() if len(r) > 1 else 0.0
     return dict(method=method, reward=reward, kind=kind, mean=r.mean().item(), sem=sem, nfe=float(nfe["total"]),
-                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds_per_image=seconds)
+                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], reward_calls=nfe["reward_calls"],
+                reward_rows=nfe["reward_rows"], seconds_per_image=seconds)
 
 
 def print_table(results: list[dict]) -> None:
-    """The results as an aligned text table (NFE and seconds per image); constrained baselines are starred,
-    and what a method warned about is a note under the table."""
-    print(f"{'method':<17}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'s/img':>8}")
+    """The results as an aligned text table (NFE, images scored and seconds per image; reward calls per batch);
+    constrained baselines are starred, and what a method warned about is a note under the table."""
+    print(f"{'method':<17}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'rewards/img':>12}{'calls':>6}"
+          f"{'s/img':>8}")
     for r in results:
         star = "*" if r.get("kind") == "constrained" else ""
         print(f"{r['method'] + star:<17}{r['reward']:<16}{r['mean']:>9.3f}{r['sem']:>8.3f}{r['nfe']:>9.0f}"
-              f"{r['seconds_per_image']:>8.3f}")
+              f"{r['reward_rows']:>12.0f}{r['reward_calls']:>6}{r['seconds_per_image']:>8.3f}")
+    print("rewards/img: images the method scored per output image; calls: reward calls for the batch")
     if any(r.get("kind") == "constrained" for r in results):
         print("* constrained baseline: follows its constraint (left half fixed) and ignores the reward; "
               "scored for reference")

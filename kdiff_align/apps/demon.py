@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from .. import sampling
-from ..align.demon import RewardDemon, auto_beta, plot_rewards, save_comparison
+from ..align.demon import RewardDemon, plot_rewards, save_comparison
 from ..models import load_model
 from . import cliargs
 from .reward_specs import RewardFactory, reward_label
 
 
-def cli_beta(beta, sigmas: Tensor, ode_after: float | None) -> float:
-    """The command line's β: a number as given, or ``"auto"`` = ``align.demon.auto_beta`` (β·|Δσ| ≤ 1, β ≤ 0.1)."""
-    return auto_beta(sigmas, ode_after) if beta == "auto" else float(beta)
+def cli_beta(beta) -> str | float:
+    """The command line's β: a number as given, or ``"auto"``, which ``sample_demon`` resolves per step
+    (``align.demon.auto_betas``: β ≤ 0.1, β·|Δσ| ≤ 1 and a bounded Heun β-SDE variance)."""
+    return "auto" if beta == "auto" else float(beta)
 
 
 def add_cli(sub) -> None:
@@ -79,17 +79,21 @@ def cli_main(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_model(args.model, device, torch.float16 if args.fp16 else None)
     reward, label = RewardFactory(spec, pipe, args)(args.prompt), reward_label(spec, args.prompt)
-    beta = cli_beta(args.beta, pipe.sigmas(args.steps), args.ode_after)
+    beta = cli_beta(args.beta)
     gen = RewardDemon(reward, cfg=args.cfg, beta=beta, tau=args.tau, K=args.K, T=args.steps,
                       demon_type=args.demon_type, r_of_c=args.r_of_c, c_steps=args.c_steps, ode_after=args.ode_after,
                       seed=args.seed, save_pils=args.save_pils, ylabel=label, experiment_directory=args.out,
                       pipeline=pipe, max_batch=args.max_batch, disable=args.no_progress or None,
                       method=args.sampler)
     out = gen.generate(args.prompt)
-    title = f"{args.prompt!r}: Demon ({args.demon_type}, K={args.K}, {args.steps} steps, beta={beta:.3g})"
+    betas = out["info"]["beta"]
+    shown = (f"{betas[0]:.3g}" if len(set(betas)) == 1 else f"{min(betas):.2g} to {max(betas):.2g} per step"
+             if betas else "none (no Demon step)")
+    title = f"{args.prompt!r}: Demon ({args.demon_type}, K={args.K}, {args.steps} steps, beta={shown})"
     plot_rewards(out["info"], out["directory"] / "rewards.png", label, f"{title}\nreward: {label}")
     save_comparison(out, out["directory"] / "comparison.png", label, title)
     print(f"{label}: plain ODE {out['plain_reward']:.4f}, Demon {out['demon_reward']:.4f} "
-          f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, {out['seconds']:.1f} s)")
+          f"({out['demon_steps']} Demon steps, {out['nfe']['network_rows']} network rows, "
+          f"{out['nfe']['reward_calls']} reward calls on {out['nfe']['reward_rows']} images, {out['seconds']:.1f} s)")
     print(f"wrote {out['directory']} (comparison.png, rewards.png, ...)")
     return 0

@@ -78,7 +78,7 @@ def run_demon(pipe, model, x_T, reward, generator, args, log):
                  "weights": info["weights"][0].tolist()})
 
     sigmas = pipe.sigmas(args.steps)
-    x0, info = sample_demon(model, x_T, sigmas, reward, K=args.K, beta=cli_beta(args.beta, sigmas, args.ode_after),
+    x0, info = sample_demon(model, x_T, sigmas, reward, K=args.K, beta=cli_beta(args.beta),
                             tau=args.tau, demon_type=args.demon_type, r_of_c=args.r_of_c, ode_after=args.ode_after,
                             c_steps=args.c_steps,
                             generator=generator, return_info=True, callback=callback, disable=True,

@@ -5,5 +5,6 @@
 """
 from .generator import (MODEL_ENV, REFERENCE_GRID, DemonGenerater, DemonGenerator, RewardDemon, default_pipeline,
                         karras_grid, plot_rewards, save_comparison)
-from .sampler import (DEMON_TYPES, R_OF_C, SPREAD_MIN, auto_beta, combine_noise, demon_candidates, demon_cost, demon_steps,
-                      demon_weights, finite_mean_std, lookahead, rollout_steps, sample_demon)
+from .sampler import (AUTO_BETA_VARIANCE, DEMON_TYPES, R_OF_C, SPREAD_MIN, auto_beta, auto_betas, combine_noise,
+                      demon_candidates, demon_cost, demon_steps, demon_weights, finite_mean_std, heun_variance_ratio,
+                      lookahead, rollout_steps, sample_demon)

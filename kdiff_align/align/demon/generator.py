@@ -94,15 +94,20 @@ def _check_grid(grid) -> None:
                          f"got {grid!r}")
 
 
+def _json_beta(betas: list) -> list[float] | str:
+    """The β of each Demon step for result.json (numbers), or the β's text when it is a name or a callable."""
+    return [float(b) for b in betas] if all(isinstance(b, (int, float)) for b in betas) else str(betas[0])
+
+
 class DemonGenerator(abc.ABC):
     """The seed's ``DemonGenerater`` (also importable under that name): subclass it, override
     ``rewards(pils)``, call ``generate(prompt)``.
 
     Each ``generate`` writes a fresh folder under ``experiment_directory`` with ``config.json``,
     ``plain_ode.png`` (PF-ODE from the same initial noise), ``demon.png``, ``rewards.csv`` (per step:
-    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE, the grid and
-    its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the look-ahead of every
-    candidate). The seed's names are written too: ``init.png``, ``out.png``, ``expected_reward.txt``
+    σ, mean, std, τ, seconds), its plot ``rewards.png``, ``result.json`` (final rewards, NFE, the β of each
+    step, the grid and its ``demon_cost``) and, with ``save_pils``, ``trajectory/step<i>_k<k>.png`` (the
+    look-ahead of every candidate). The seed's names are written too: ``init.png``, ``out.png``, ``expected_reward.txt``
     (lines ``mean std sigma seconds``) and ``expected_reward.png``.
 
     Args:
@@ -115,14 +120,16 @@ class DemonGenerator(abc.ABC):
         consistency_model: passed to ``sample_demon``.
         max_batch: passed to ``sample_demon``.
         disable: passed to ``sample_demon``.
+        sigma_data: passed to ``sample_demon`` (its divergence check); ``None`` uses the larger of 1 and the
+            RMS of the plain PF-ODE sample of the same noise, which every run computes first.
     """
 
-    def __init__(self, cfg: float = 2, beta: float = 0.1, tau="adaptive", K: int = 16, T: int = 64,
+    def __init__(self, cfg: float = 2, beta="auto", tau="adaptive", K: int = 16, T: int = 64,
                  demon_type: str = "tanh", r_of_c: str = "baseline", c_steps: int = 20, ode_after: float = 0.11,
                  seed: int | None = None, save_pils: bool = False, ylabel: str = "Reward",
                  experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline=None,
                  grid="model", consistency_model=None, max_batch: int | None = None, disable: bool | None = None,
-                 method: str = "heun"):
+                 method: str = "heun", sigma_data: float | None = None):
         sampling.check_method(method)
         if not isinstance(T, int) or T < 2:
             raise ValueError(f"T must be an int >= 2 (grid points), got {T!r}")
@@ -134,6 +141,7 @@ class DemonGenerator(abc.ABC):
                 raise TypeError(f"pipeline must be a kdiff_align Pipeline (missing .{name}), "
                                 f"got {type(pipeline).__name__}")
         self.cfg, self.beta, self.tau, self.K, self.T, self.grid = cfg, beta, tau, K, T, grid
+        self.sigma_data = sigma_data
         self.demon_type, self.r_of_c, self.c_steps, self.ode_after = demon_type, r_of_c, c_steps, ode_after
         self.seed = secrets.randbelow(2**31) if seed is None else int(seed)
         self.save_pils, self.ylabel = save_pils, ylabel
@@ -218,7 +226,8 @@ class DemonGenerator(abc.ABC):
                                    demon_type=self.demon_type, r_of_c=self.r_of_c, c_steps=self.c_steps,
                                    ode_after=self.ode_after, callback=callback, disable=self.disable,
                                    generator=generator, return_info=True, consistency_model=self.consistency_model,
-                                   max_batch=self.max_batch, method=self.method)
+                                   max_batch=self.max_batch, method=self.method,
+                                   sigma_data=self.sigma_data or max(1.0, float(plain.pow(2).mean().sqrt())))
         return self._write_results(folder, plain, demon, info)
 
     def _save_pngs(self, folder: Path, latents: Tensor, names) -> list:
@@ -264,7 +273,7 @@ class DemonGenerator(abc.ABC):
         atomic_write(folder / "expected_reward.png", lambda tmp: shutil.copyfile(plot, tmp))  # the seed's name
         result = {"plain_reward": final[0], "demon_reward": final[1], "demon_steps": info["demon_steps"],
                   "nfe": info["nfe"], "grid": self._grid_range(), "cost": self.cost(),
-                  "seconds": float(info["seconds"].sum())}
+                  "seconds": float(info["seconds"].sum()), "beta": _json_beta(info["beta"])}
         atomic_write(folder / "result.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         (folder / "INCOMPLETE").unlink(missing_ok=True)
         return {**result, "directory": folder, "plain": pils[0], "demon": pils[1], "info": info}

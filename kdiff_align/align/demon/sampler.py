@@ -25,7 +25,8 @@ from tqdm.auto import trange
 from ... import sampling, schedules
 from ...cond import batched_call
 from ...rewards import check_rewards
-from ...utils import as_sigma, check_finite, check_generator, check_sigmas, randn_like
+from ...utils import (CountingReward, as_sigma, check_finite, check_generator, check_sigmas, check_state, nfe_summary,
+                      randn_like)
 
 DEMON_TYPES = ("tanh", "boltzmann", "optimal")
 R_OF_C = ("consistency", "baseline")
@@ -182,19 +183,62 @@ def demon_steps(sigmas: Tensor, ode_after: float | None) -> int:
     return int(steer.cumprod(0).sum())
 
 
-def auto_beta(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> float:
-    """The largest β ≤ ``cap`` with β·|Δσ| ≤ 1 on every Demon step of ``sigmas``, where the Heun β-SDE step
-    is accurate (``sample_demon`` warns above it); ``cap`` when there is no Demon step."""
-    steps = demon_steps(sigmas, ode_after)
-    if steps == 0:
+AUTO_BETA_VARIANCE = 1.5  # beta="auto": the Heun β-SDE steps together may leave at most this multiple of the variance
+
+
+def heun_variance_ratio(beta: float, sigma: float, sigma_next: float) -> float:
+    """Var(x') / σ'² after one Heun β-SDE step σ → σ' (``sampling.sde_step(beta=)``) on point-mass data.
+
+    With D ≡ x₀ and y = x − x₀ ~ N(0, σ²), the step is y' = A·y + a·z with k = (1 + βσ)/σ,
+    k' = (1 + βσ')/σ', Δ = σ − σ', A = 1 − Δ(k + k')/2 + Δ²kk'/2 and a = √(2βΔ)·((σ + σ')/2 − Δk'σ/2);
+    the exact SDE leaves σ'² (A = σ'/σ at β = 0, ratio 1). On coarse steps (σ/σ' large) the corrector
+    multiplies the predictor's noise by Δ/(2σ'), so the ratio grows fast with β.
+    """
+    delta = sigma - sigma_next
+    k, k_next = (1 + beta * sigma) / sigma, (1 + beta * sigma_next) / sigma_next
+    A = 1 - delta * (k + k_next) / 2 + delta**2 * k * k_next / 2
+    a = math.sqrt(2 * beta * delta) * ((sigma + sigma_next) / 2 - delta * k_next * sigma / 2)
+    return ((A * sigma) ** 2 + a**2) / sigma_next**2
+
+
+def _stable_beta(sigma: float, sigma_next: float, cap: float, limit: float = AUTO_BETA_VARIANCE) -> float:
+    """The largest β ≤ ``cap`` whose Heun step σ → σ' keeps ``heun_variance_ratio`` ≤ ``limit``."""
+    if heun_variance_ratio(cap, sigma, sigma_next) <= limit:
         return cap
-    largest = float((sigmas[:steps] - sigmas[1:steps + 1]).max())
-    return min(cap, math.nextafter(1 / largest, 0.0))  # rounded down: β·Δσ never exceeds 1 by an ulp
+    lo, hi = 0.0, cap
+    for _ in range(200):  # bisection down to float resolution (the ratio rises with β)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if heun_variance_ratio(mid, sigma, sigma_next) <= limit else (lo, mid)
+    return lo
+
+
+def auto_betas(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> list[float]:
+    """``beta="auto"``: for each Demon step σ → σ' of ``sigmas``, the largest β ≤ ``cap`` that keeps it stable.
+
+    Two rules per step: β·|Δσ| ≤ 1, and the Heun β-SDE step on point-mass data leaves at most
+    ``AUTO_BETA_VARIANCE``^(1/S)·σ'² of variance for S Demon steps (``heun_variance_ratio``), so the run's
+    ratios multiply to at most ``AUTO_BETA_VARIANCE``. The first rule alone lets coarse grids blow up (on
+    the shipped Fashion model, 3 or 5 Karras steps from σ = 80 gave pixel values of 300 to 4400). Fine
+    steps keep β = min(cap, 1/|Δσ|); a coarse step (σ/σ' large) gets a small β, so Demon's candidates
+    differ less there. ``sample_demon`` uses β_i on step i (a piecewise-constant β(σ)).
+    """
+    steps, betas = demon_steps(sigmas, ode_after), []
+    limit = AUTO_BETA_VARIANCE ** (1 / max(steps, 1))  # the steps' ratios multiply: the run's within the budget
+    for sigma, sigma_next in zip(sigmas[:steps].tolist(), sigmas[1:steps + 1].tolist()):
+        beta = min(cap, math.nextafter(1 / (sigma - sigma_next), 0.0))  # rounded down: β·Δσ ≤ 1 to the ulp
+        betas.append(_stable_beta(sigma, sigma_next, beta, limit))
+    return betas
+
+
+def auto_beta(sigmas: Tensor, ode_after: float | None = None, cap: float = 0.1) -> float:
+    """The largest constant β ≤ ``cap`` stable on every Demon step: min of ``auto_betas`` (``cap`` without steps)."""
+    return min(auto_betas(sigmas, ode_after, cap), default=cap)
 
 
 def demon_cost(sigmas: Tensor, *, K: int = 16, batch: int = 1, r_of_c: str = "consistency", c_steps: int | None = None,
                ode_after: float | None = 0.11, consistency_model: bool = False) -> dict:
-    """The network cost of ``sample_demon`` with the default samplers (the formula in its docstring)."""
+    """The network cost of ``sample_demon`` with the default samplers (the formula in its docstring), with the
+    NFE rule's ``forward``/``backward``/``total`` and the reward's calls and rows (``utils.nfe_summary``)."""
     steps, m = demon_steps(sigmas, ode_after), len(sigmas) - 1 - demon_steps(sigmas, ode_after)
     cost = dict(network_rows=0, network_calls=0, consistency_rows=0, consistency_calls=0,
                 reward_calls=steps, reward_rows=steps * batch * K)
@@ -211,7 +255,8 @@ def demon_cost(sigmas: Tensor, *, K: int = 16, batch: int = 1, r_of_c: str = "co
         cost["consistency_calls"] += 1 if consistency_model and r_of_c == "consistency" else 0
     cost["network_rows"] += batch * (2 * m - 1)
     cost["network_calls"] += 2 * m - 1
-    return cost
+    return {**cost, **nfe_summary(cost["network_rows"] + cost["consistency_rows"], reward_calls=steps,
+                                  reward_rows=steps * batch * K)}
 
 
 def _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args,
@@ -222,6 +267,8 @@ def _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_st
     check_sigmas(sigmas, decreasing=True)
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive int (candidates per step), got {K!r}")
+    if isinstance(beta, str) and beta not in ("auto", "anderson"):
+        raise ValueError(f"beta must be 'auto', 'anderson', a number > 0 or a callable of sigma, got {beta!r}")
     if isinstance(beta, (int, float)) and not beta > 0:
         raise ValueError(f"beta must be > 0 (Demon needs a stochastic step), got {beta}")
     if tau != "adaptive" and not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
@@ -240,22 +287,24 @@ def _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_st
         raise ValueError(f"max_batch must be None or a positive int, got {max_batch!r}")
 
 
-def _warn_coarse(sigmas: Tensor, beta) -> None:
-    """Warn when β·|Δσ| > 1 on a Demon step: the Heun β-SDE then over- or under-contracts (on the shipped
-    Fashion-MNIST model at σ_max = 80, 8 steps, β = 0.1 sends pixels to ±2600; β·|Δσ| ≤ 1 stays in range)."""
-    if isinstance(beta, (int, float)) and len(sigmas) > 1:
-        step = float((sigmas[:-1] - sigmas[1:]).max())
-        if beta * step > 1:
-            warnings.warn(f"beta={beta} with Demon steps of up to {step:.3g} in sigma gives beta*|dsigma| = "
-                          f"{beta * step:.2g} > 1: the beta-SDE step is inaccurate; use more steps or a smaller beta")
+def _warn_coarse(sigmas: Tensor, ode_after: float | None, beta) -> None:
+    """Warn when a numeric β exceeds ``auto_beta``: the Heun β-SDE step then over- or under-contracts (on the
+    shipped Fashion-MNIST model at σ_max = 80, 8 steps, β = 0.1 sends pixels to ±2600)."""
+    if isinstance(beta, (int, float)) and demon_steps(sigmas, ode_after) > 0:
+        stable = auto_beta(sigmas, ode_after, cap=math.inf)
+        if beta > stable:
+            warnings.warn(f"beta={beta} is above {stable:.3g}, the largest beta that keeps every Demon step of this "
+                          "grid stable (beta*|dsigma| <= 1 and a bounded Heun variance, auto_beta): the beta-SDE "
+                          "step is inaccurate; use beta='auto', more steps or a smaller beta")
 
 
 @torch.no_grad()
-def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tensor], *, K: int = 16, beta=0.1,
+def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tensor], *, K: int = 16, beta="auto",
                  tau="adaptive", demon_type: str = "tanh", r_of_c: str = "consistency", c_steps: int | None = None,
                  ode_after: float | None = 0.11, extra_args: dict | None = None, callback: Callable | None = None,
                  disable: bool | None = None, generator=None, return_info: bool = False, consistency_model=None,
-                 sampler: Callable | None = None, max_batch: int | None = None, method: str = "heun"):
+                 sampler: Callable | None = None, max_batch: int | None = None, method: str = "heun",
+                 sigma_data: float = 1.0):
     """Sampling Demon (Yeh et al. 2025) on the Karras β-SDE: B independent runs of K candidates each.
 
     Demon steps are those from σ ≥ ``ode_after`` not landing on 0; the rest of ``sigmas`` is a plain
@@ -276,6 +325,9 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         reward: ``reward(x0 [B·K, ...]) -> Tensor[B·K]``, higher is better (``rewards.check_rewards``: −inf
             rejects a candidate; NaN, +inf, a list, a wrong shape or an exception stops the run with an
             error in terms of B images x K candidates, naming the step).
+        beta: the β-SDE's β: ``"auto"`` (step i uses ``auto_betas(sigmas, ode_after)[i]``, the largest
+            β ≤ 0.1 with β·|Δσ| ≤ 1 whose Heun step stays stable), a number > 0, ``"anderson"`` or a
+            callable β(σ).
         tau: ``"adaptive"`` (std of each item's K rewards, recomputed every step) or a positive number.
         r_of_c: look-ahead, ``"consistency"`` (one step) or ``"baseline"`` (PF-ODE rollout); see ``lookahead``.
         c_steps: rollout steps near σ_max for ``baseline`` (default 20, the reference's).
@@ -283,29 +335,39 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         callback: called before each update with ``x, i, sigma, sigma_hat, denoised`` and, on Demon
             steps, ``reward`` ``[B, K]``, ``weights`` ``[B, K]``, ``tau`` ``[B]``, ``lookahead`` ``[B, K, ...]``.
         return_info: also return a dict of per-step ``sigma``, ``reward_mean``/``reward_std``/``tau``
-            ``[S, B]``, ``seconds`` and ``nfe`` counts (network, consistency and reward calls and rows).
+            ``[S, B]``, ``seconds``, ``beta`` (the β of each Demon step, a list) and ``nfe``: counted
+            network, consistency and reward calls and rows, and the NFE rule's ``forward`` (network +
+            consistency rows), ``backward`` (0) and ``total`` (``utils.nfe_summary``), for the whole batch.
         max_batch: the most rows per network call (candidates are chunked, never looped one by one).
         method: the ``odeint`` method of the PF-ODE tail and of the default ``baseline`` rollout; the
             costs above are Heun's (a multistep method such as ``"dpmpp_2m"`` costs m calls for an
             m-step tail and n(σ') per rollout).
+        sigma_data: the data's RMS scale for ``utils.check_state``: the candidates and the state after
+            every step must keep their per-item RMS within ``DIVERGENCE_C``·√(σ² + σ_data²), and the
+            result within ``DIVERGENCE_C``·σ_data, or the run stops with a ``DivergedError`` naming
+            the step, σ and β.
     """
     sampling.check_method(method)
     _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
     check_generator(generator, x.shape[0])
     extra_args = extra_args or {}
+    betas = auto_betas(sigmas, ode_after) if beta == "auto" else [beta] * demon_steps(sigmas, ode_after)
+    reward = CountingReward(reward)
     counts = dict.fromkeys(("network_calls", "network_rows", "consistency_calls", "consistency_rows"), 0)
     net = _counted(model, counts, "network", max_batch)
     consistency = _counted(consistency_model, counts, "consistency", max_batch) if consistency_model else None
     batch, steps = x.shape[0], demon_steps(sigmas, ode_after)
     sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
-    _warn_coarse(sigmas[:steps + 1], beta)
+    _warn_coarse(sigmas, ode_after, beta)
+    setting = f"beta={beta!r} is unstable on this grid: use beta='auto', a smaller beta or more steps"
     log = {"sigma": [], "reward_mean": [], "reward_std": [], "tau": [], "seconds": []}
     for i in trange(steps, disable=disable):
         start = time.perf_counter()
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = net(x, as_sigma(sigma, x), **extra_args)
-        z, x_next = demon_candidates(net, x, sigma, sigma_next, denoised, K=K, beta=beta, extra_args=extra_args,
+        z, x_next = demon_candidates(net, x, sigma, sigma_next, denoised, K=K, beta=betas[i], extra_args=extra_args,
                                      generator=generator)
+        check_state(x_next, sigma_next, step=i, setting=setting, sigma_data=sigma_data)
         x0 = lookahead(net, x_next, sigma_next, r_of_c, extra_args=_repeat_rows(extra_args, K, batch),
                        consistency_model=consistency, sampler=sampler, c_steps=20 if c_steps is None else c_steps,
                        sigma_min=sigma_min, sigma_max=sigma_max, method=method)
@@ -314,17 +376,21 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised, "reward": r,
                       "weights": b, "tau": tau_b, "lookahead": x0.view(batch, K, *x.shape[1:])})
-        x, _ = sampling.sde_step(net, x, sigma, sigma_next, extra_args=extra_args, beta=beta,
+        x, _ = sampling.sde_step(net, x, sigma, sigma_next, extra_args=extra_args, beta=betas[i],
                                  noise=combine_noise(z, b), denoised=denoised)
+        check_state(x, sigma_next, step=i, setting=setting, sigma_data=sigma_data)
         mean, spread = finite_mean_std(r)  # over the candidates not rejected (reward −inf)
         for key, value in (("sigma", float(sigma_next)), ("reward_mean", mean), ("reward_std", spread),
                            ("tau", tau_b), ("seconds", time.perf_counter() - start)):
             log[key].append(value)
     tail = None if callback is None else (lambda info: callback({**info, "i": info["i"] + steps}))
     x = sampling.odeint(net, x, sigmas[steps:], extra_args=extra_args, callback=tail, disable=disable, method=method)
+    check_state(x, sigmas[-1], step=len(sigmas) - 2, sigma_data=sigma_data,
+                setting=f"the PF-ODE tail (method={method!r}) or {setting}")
     if not return_info:
         return x
     info = {key: torch.stack(v) if v and isinstance(v[0], Tensor) else torch.tensor(v, dtype=torch.float64)
             for key, v in log.items()}
-    counts.update(reward_calls=steps, reward_rows=steps * batch * K)
-    return x, {**info, "demon_steps": steps, "nfe": counts}
+    counts.update(nfe_summary(counts["network_rows"] + counts["consistency_rows"], reward_calls=reward.calls,
+                              reward_rows=reward.rows))
+    return x, {**info, "demon_steps": steps, "beta": betas, "nfe": counts}
