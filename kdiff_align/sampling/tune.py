@@ -20,6 +20,7 @@ from scipy.optimize import minimize
 from torch import Tensor
 
 from ..testing import CountingDenoiser
+from ..schedules import get_sigmas_exponential, get_sigmas_karras
 from ..utils import as_sigma, atomic_write, check_finite, check_sigmas
 from .core import check_method, odeint
 from .multistep import MULTISTEP_METHODS, MultistepSolver, multistep_odeint
@@ -205,18 +206,20 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
     states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args)
     teacher_nfe = counted.calls
-    grid = gits_grid(s, states, Ds, x0, nfe)
+    starts = {"gits": gits_grid(s, states, Ds, x0, nfe),
+              "karras": get_sigmas_karras(nfe, sigma_min, sigma_max).double().tolist(),
+              "exponential": get_sigmas_exponential(nfe, sigma_min, sigma_max).double().tolist()}
     del states, Ds
     objective = lambda m: lambda g: final_error(counted, x_T, x0, g, m, extra_args)  # noqa: E731
-    errors = {m: objective(m)(grid) for m in methods}
-    best = min(errors, key=errors.get)
-    evals = 40 * (nfe - 1) if max_evals is None else max_evals
-    if nfe > 1 and evals > 0:
-        grid, _ = refine_grid(objective(best), grid, math.log(sigma_min), evals)
-        refined = {m: objective(m)(grid) for m in methods}
-        best = min(refined, key=refined.get)
-    info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "dp_error": errors,
-            "error": objective(best)(grid), "sigma_min": sigma_min, "sigma_max": sigma_max,
+    errors = {(m, k): objective(m)(g) for m in methods for k, g in starts.items()}
+    best, start = min(errors, key=errors.get)
+    grid, evals = starts[start], 40 * (nfe - 1) if max_evals is None else max_evals
+    for _ in range(2 if nfe > 1 and evals > 0 else 0):  # a restart helps Nelder–Mead out of a collapsed simplex
+        grid, _ = refine_grid(objective(best), grid, math.log(sigma_min), evals // 2)
+    refined = {m: objective(m)(grid) for m in methods}
+    best = min(refined, key=refined.get)
+    info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "start": start, "start_errors": {f"{m}/{k}": e for (m, k), e in errors.items()},
+            "error": refined[best], "sigma_min": sigma_min, "sigma_max": sigma_max,
             "seconds": time.perf_counter() - clock}
     info["tuning_rows"] = counted.rows
     return TunedSampler(grid, best, solver_kw={"lower_order_final": True}, tuning_nfe=counted.calls, info=info)
