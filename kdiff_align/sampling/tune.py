@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 from torch import Tensor
+from tqdm.auto import trange
 
 from ..testing import CountingDenoiser
 from ..schedules import get_sigmas_exponential, get_sigmas_karras
@@ -100,7 +101,7 @@ def _check_tune_inputs(model, x_T, nfe, extra_args, method) -> tuple[tuple[str, 
     return methods, {} if extra_args is None else extra_args
 
 
-def teacher_solve(model, x_T: Tensor, s: list[float], substeps: int, extra_args: dict):
+def teacher_solve(model, x_T: Tensor, s: list[float], substeps: int, extra_args: dict, disable=None):
     """Teacher states x and D at each candidate σ in ``s`` (decreasing, > 0) and the final sample.
 
     DPM-Solver++(3M) with ``substeps`` log-uniform steps between candidates, ending with x = D(x, s[-1]).
@@ -108,7 +109,7 @@ def teacher_solve(model, x_T: Tensor, s: list[float], substeps: int, extra_args:
     fine = [math.exp(a + (b - a) * k / substeps) for a, b in zip(np.log(s[:-1]), np.log(s[1:]))
             for k in range(substeps)] + [s[-1], 0.0]
     solver, x, states, Ds = MultistepSolver("dpmpp_3m", fine), x_T, [], []
-    for i in range(len(fine) - 1):
+    for i in trange(len(fine) - 1, disable=disable, desc="teacher"):
         denoised = model(x, as_sigma(fine[i], x), **extra_args)
         if not torch.isfinite(denoised).all():
             raise ValueError(f"model returned NaN or infinite values at sigma={fine[i]:.4g} (teacher solve)")
@@ -198,13 +199,16 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         max_evals: end-to-end sampler runs of the refinement (default 40 per free σ); 0 keeps the DP grid.
     """
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method)
-    sigma_max = float(sigma_max or getattr(model, "sigma_max", None) or x_T.pow(2).mean().sqrt())
-    sigma_min = float(sigma_min or getattr(model, "sigma_min", None) or 0.002)
+    if sigma_max is None:
+        sigma_max = getattr(model, "sigma_max", None) or x_T.pow(2).mean().sqrt()
+    if sigma_min is None:
+        sigma_min = getattr(model, "sigma_min", 0.002)
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     counted, clock = CountingDenoiser(model), time.perf_counter()
     s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
-    states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args)
+    states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
     teacher_nfe = counted.calls
     starts = {"gits": gits_grid(s, states, Ds, x0, nfe),
               "karras": get_sigmas_karras(nfe, sigma_min, sigma_max).double().tolist(),
@@ -216,10 +220,10 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     grid, evals = starts[start], 40 * (nfe - 1) if max_evals is None else max_evals
     for _ in range(2 if nfe > 1 and evals > 0 else 0):  # a restart helps Nelder–Mead out of a collapsed simplex
         grid, _ = refine_grid(objective(best), grid, math.log(sigma_min), evals // 2)
-    refined = {m: objective(m)(grid) for m in methods}
-    best = min(refined, key=refined.get)
-    info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "start": start, "start_errors": {f"{m}/{k}": e for (m, k), e in errors.items()},
-            "error": refined[best], "sigma_min": sigma_min, "sigma_max": sigma_max,
-            "seconds": time.perf_counter() - clock}
-    info["tuning_rows"] = counted.rows
+    final = {(m, "refined"): objective(m)(grid) for m in methods} | errors  # never worse than a start
+    (best, start), error = min(final.items(), key=lambda kv: kv[1])
+    grid = grid if start == "refined" else starts[start]
+    info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
+            "start_errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
+            "sigma_max": sigma_max, "tuning_rows": counted.rows, "seconds": round(time.perf_counter() - clock, 3)}
     return TunedSampler(grid, best, solver_kw={"lower_order_final": True}, tuning_nfe=counted.calls, info=info)

@@ -1,0 +1,143 @@
+"""Tuned few-step samplers (issue 25): grid validity, exact NFE, JSON round trip, closed-form optima."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kdiff_align as ka
+from kdiff_align.sampling import TunedSampler, tune_sampler
+from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
+
+from kdiff_align.strategies import gaussian_problems
+
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def noises(n, dim, seed):
+    return torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * SIGMA_MAX
+
+
+def gaussian(dim=8):
+    return GaussianDenoiser(torch.zeros(dim), torch.linspace(0.2, 2.0, dim)).double()
+
+
+def mixture(dim=4):
+    means = torch.stack([torch.full((dim,), -2.0), torch.full((dim,), 2.0)])
+    return MixtureDenoiser(means, torch.tensor([0.3, 0.5]), torch.tensor([0.5, 0.5])).double()
+
+
+def median_error(x, ref):
+    return (x - ref).flatten(1).norm(dim=1).median().item()
+
+
+def test_grid_is_valid_and_sampling_costs_exactly_nfe():
+    model = gaussian(4)
+    tuned = tune_sampler(model, noises(16, 4, 0), 5, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=24)
+    s = tuned.sigmas
+    assert tuned.nfe == 5 and len(s) == 6 and s[-1] == 0 and (s[1:] < s[:-1]).all()
+    assert s[0].item() == pytest.approx(SIGMA_MAX, rel=1e-12) and s[-2] >= SIGMA_MIN
+    counted = CountingDenoiser(model)
+    tuned(counted, noises(3, 4, 1), disable=True)
+    assert counted.calls == 5 and counted.rows == 15
+    # tuning cost is counted: the teacher's (24 − 1)·4 + 1 evaluations and at least one run per start
+    assert tuned.tuning_nfe >= tuned.info["teacher_nfe"] + 5 * 3 == 93 + 15
+
+
+def test_save_load_round_trip_gives_bit_identical_samples(tmp_path):
+    model = mixture(2)
+    tuned = tune_sampler(model, noises(16, 2, 0), 4, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=16,
+                         max_evals=20)
+    tuned.save(tmp_path / "tuned.json")
+    loaded = TunedSampler.load(tmp_path / "tuned.json")
+    assert loaded.method == tuned.method and loaded.nfe == 4 and loaded.tuning_nfe == tuned.tuning_nfe
+    assert torch.equal(loaded.sigmas, tuned.sigmas)
+    x = noises(8, 2, 5)
+    assert torch.equal(loaded(model, x, disable=True), tuned(model, x, disable=True))
+    assert "pickle" not in (tmp_path / "tuned.json").read_text()
+    (tmp_path / "bad.json").write_text('{"sigmas": [1.0, 0.0]}')
+    with pytest.raises(ValueError, match="not a TunedSampler"):
+        TunedSampler.load(tmp_path / "bad.json")
+
+
+def two_step_error(model, x_T, sigma_1):
+    """Mean final error of the 2-evaluation DDIM grid [σ_max, σ_1, 0], in closed form for a Gaussian."""
+    x_1 = (sigma_1 / SIGMA_MAX) * x_T + (1 - sigma_1 / SIGMA_MAX) * model(x_T, torch.full((len(x_T),), SIGMA_MAX))
+    out = model(x_1, torch.full((len(x_T),), sigma_1))
+    return (out - model.flow(x_T, SIGMA_MAX, 0.0)).norm(dim=1).mean().item()
+
+
+def test_two_step_grid_recovers_the_brute_force_optimum():
+    model, x_T = gaussian(8), noises(32, 8, 0)
+    grid = np.exp(np.linspace(math.log(SIGMA_MIN), math.log(SIGMA_MAX), 4001))[1:-1]
+    errors = [two_step_error(model, x_T, s) for s in grid]
+    best = grid[int(np.argmin(errors))]
+    tuned = tune_sampler(model, x_T, 2, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, method="dpmpp_2m")
+    sigma_1 = tuned.sigmas[1].item()
+    # the brute-force grid steps 0.0027 in log σ; the teacher's own error (DPM-Solver++ 3M, 157 steps) is
+    # ~1e-5 relative, so the tuned σ_1 lands within a few grid steps and its error within 0.1 %
+    assert abs(math.log(sigma_1 / best)) < 0.02, (sigma_1, best)
+    assert two_step_error(model, x_T, sigma_1) <= min(errors) * 1.001
+
+
+def test_tuned_beats_karras_on_a_gaussian_and_default_on_held_out_mixture_noises():
+    for model, nfe, bound in ((gaussian(8), 6, 0.5), (mixture(4), 6, 0.5)):
+        tuned = tune_sampler(model, noises(64, tuned_dim(model), 0), nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+        x = noises(256, tuned_dim(model), 1)  # held-out noises
+        ref = ka.odeint(model, x, ka.get_sigmas_exponential(1000, SIGMA_MIN, SIGMA_MAX).double(), method="dpmpp_3m",
+                        disable=True)
+        karras = ka.get_sigmas_karras(nfe, SIGMA_MIN, SIGMA_MAX).double()
+        untuned = min(median_error(ka.odeint(model, x, karras, method=m, disable=True), ref)
+                      for m in ("dpmpp_2m", "unipc", "deis", "ipndm"))
+        heun = median_error(ka.odeint(model, x, ka.get_sigmas_karras(nfe // 2, SIGMA_MIN, SIGMA_MAX).double(),
+                                      disable=True), ref)
+        # measured 0.15 (Gaussian) and 0.30 (mixture) of the best solver on Karras ρ = 7: the issue's
+        # 0.5× target leaves room for the noise of 256 held-out items
+        assert median_error(tuned(model, x, disable=True), ref) < bound * min(untuned, heun)
+
+
+def tuned_dim(model):
+    return model.means.shape[1] if hasattr(model, "means") else model.mean.shape[0]
+
+
+@settings(max_examples=8)
+@given(nfe=st.integers(1, 7), problem=gaussian_problems(max_dim=3))
+def test_tuned_grid_properties(nfe, problem):
+    mean, std, _, seed = problem
+    model = GaussianDenoiser(mean, std).double()
+    x_T = noises(8, len(mean), seed)
+    tuned = tune_sampler(model, x_T, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=12, max_evals=12)
+    s = tuned.sigmas
+    assert len(s) == nfe + 1 and s[-1] == 0 and (s[1:] < s[:-1]).all() and s[-2] >= SIGMA_MIN * (1 - 1e-9)
+    counted = CountingDenoiser(model)
+    out = tuned(counted, x_T, disable=True)
+    assert counted.calls == nfe
+    # never worse on the calibration noises than the best solver on the Karras grid it started from
+    # (against the exact flow: the teacher's own error, ~1e-6 here, is the slack)
+    exact = model.flow(x_T, SIGMA_MAX, 0.0)
+    karras = ka.get_sigmas_karras(nfe, SIGMA_MIN, SIGMA_MAX).double()
+    base = min((ka.odeint(model, x_T, karras, method=m, disable=True, lower_order_final=True) - exact)
+               .norm(dim=1).mean().item() for m in ka.sampling.TUNE_METHODS)
+    assert (out - exact).norm(dim=1).mean().item() <= base + 1e-4
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(nfe=0), "nfe"),
+    (dict(nfe=2.5), "nfe"),
+    (dict(x_T=torch.randn(4)), "x_T"),
+    (dict(x_T=torch.randn(1, 3)), "x_T"),
+    (dict(x_T=torch.full((4, 3), float("nan"))), "x_T"),
+    (dict(method="heun"), "method"),
+    (dict(sigma_min=100.0), "sigma_min"),
+])
+def test_bad_input_fails_naming_the_argument(kw, match):
+    args = dict(model=gaussian(3).float(), x_T=torch.randn(4, 3) * 10, nfe=3) | kw
+    with pytest.raises(ValueError, match=match):
+        tune_sampler(args.pop("model"), args.pop("x_T"), args.pop("nfe"), **args)
+
+
+def test_a_model_returning_nan_fails_naming_the_model():
+    with pytest.raises(ValueError, match="model returned NaN"):
+        tune_sampler(lambda x, sigma: x * float("nan"), torch.randn(4, 3) * 10, 3, sigma_max=10.0)
