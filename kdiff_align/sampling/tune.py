@@ -94,7 +94,7 @@ def _check_tune_inputs(model, x_T, nfe, extra_args, method) -> tuple[tuple[str, 
     if x_T.ndim < 2 or x_T.shape[0] < 2:
         raise ValueError(f"x_T must be a batch of calibration noises [n >= 2, ...], got shape {tuple(x_T.shape)}")
     if extra_args is not None and not isinstance(extra_args, dict):
-        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
+        raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
     methods = TUNE_METHODS if method is None else (method,) if isinstance(method, str) else tuple(method)
     for m in methods:
         check_method(m, MULTISTEP_METHODS)
