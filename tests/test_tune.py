@@ -141,3 +141,36 @@ def test_bad_input_fails_naming_the_argument(kw, match):
 def test_a_model_returning_nan_fails_naming_the_model():
     with pytest.raises(ValueError, match="model returned NaN"):
         tune_sampler(lambda x, sigma: x * float("nan"), torch.randn(4, 3) * 10, 3, sigma_max=10.0)
+
+
+def test_pipeline_odeint_takes_a_tuned_sampler_for_a_guided_model():
+    from kdiff_align.models.mixture import mixture_pipeline
+    pipe = mixture_pipeline()
+    pipe.denoiser = CountingDenoiser(pipe.denoiser)
+    cond = {"prompts": ["dark", "light"], "cfgs": [2.0, 1.0]}  # multi-prompt CFG: one call per evaluation
+    x_T = pipe.get_init_latent(32, generator=torch.Generator().manual_seed(0))
+    tuned = tune_sampler(pipe.guided(cond), x_T, 4, sigma_min=pipe.sigma_min, sigma_max=pipe.sigma_max,
+                         candidates=20)
+    x = pipe.get_init_latent(64, generator=torch.Generator().manual_seed(1))
+    pipe.denoiser.calls = 0
+    out = pipe.odeint(x, cond, sampler=tuned, disable=True)
+    assert pipe.denoiser.calls == 4
+    assert torch.equal(out, tuned(pipe.guided(cond), x, disable=True))
+    ref = pipe.odeint(x, cond, 400, method="dpmpp_3m", disable=True)
+    karras = pipe.odeint(x, cond, 4, method="dpmpp_2m", disable=True)
+    assert median_error(out, ref) < 0.5 * median_error(karras, ref)
+    with pytest.raises(ValueError, match="sampler="):
+        pipe.odeint(x, cond, 4, sampler=tuned)
+
+
+def test_extra_args_reach_the_model():
+    base = GaussianDenoiser(torch.zeros(3), 0.5).double()
+
+    def model(x, sigma, offset):
+        return base(x - offset, sigma) + offset
+
+    offset = torch.full((16, 3), 2.0, dtype=torch.float64)
+    tuned = tune_sampler(model, noises(16, 3, 0), 3, extra_args={"offset": offset}, sigma_min=SIGMA_MIN,
+                         sigma_max=SIGMA_MAX, candidates=12, max_evals=10)
+    out = tuned(model, noises(16, 3, 1), extra_args={"offset": offset}, disable=True)
+    assert out.mean().item() == pytest.approx(2.0, abs=0.3)
