@@ -174,3 +174,40 @@ def test_extra_args_reach_the_model():
                          sigma_max=SIGMA_MAX, candidates=12, max_evals=10)
     out = tuned(model, noises(16, 3, 1), extra_args={"offset": offset}, disable=True)
     assert out.mean().item() == pytest.approx(2.0, abs=0.3)
+
+
+def test_odeint_with_a_tuned_method_runs_its_grid_and_its_tail():
+    model = gaussian(4)
+    tuned = tune_sampler(model, noises(16, 4, 0), 5, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=16,
+                         max_evals=8)
+    x, full = noises(8, 4, 1), ka.get_sigmas_karras(30, SIGMA_MIN, SIGMA_MAX).double()
+    assert torch.equal(tuned.along(full), tuned.sigmas)
+    assert torch.equal(ka.odeint(model, x, full, method=tuned, disable=True), tuned(model, x, disable=True))
+    # a look-ahead from σ = 3 runs the tuned σ values below 3, then the step to 0
+    tail = tuned.along(torch.tensor([3.0, 0.0], dtype=torch.float64))
+    assert tail[0] == 3.0 and tail[-1] == 0 and torch.equal(tail[1:], tuned.sigmas[tuned.sigmas < 3.0 * (1 - 1e-4)])
+    counted = CountingDenoiser(model)
+    ka.odeint(counted, x, torch.tensor([3.0, 0.0]), method=tuned, disable=True)
+    assert counted.calls == len(tail) - 1
+
+
+def test_demon_and_search_take_a_tuned_sampler():
+    from kdiff_align.align.demon import sample_demon
+    from kdiff_align.align.search import random_search
+    model = mixture(2)
+    tuned = tune_sampler(model, noises(16, 2, 0), 4, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=16,
+                         max_evals=8)
+    reward = lambda x0: -(x0 - 2.0).pow(2).sum(1)  # noqa: E731  (prefer the mode at +2)
+    n = torch.randn(4, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    counted = CountingDenoiser(model)
+    x0, _, best = random_search(lambda z: tuned(counted, z * SIGMA_MAX, disable=True), reward, n)
+    assert counted.calls == tuned.nfe and counted.rows == 24 * tuned.nfe  # N·B candidates, one batch
+    assert torch.equal(best, reward(tuned(model, n.flatten(0, 1) * SIGMA_MAX, disable=True)).view(4, 6).max(0).values)
+    sigmas = ka.get_sigmas_karras(6, SIGMA_MIN, SIGMA_MAX).double()
+    x = noises(3, 2, 4)
+    demon = lambda ode_after: sample_demon(model, x, sigmas, reward, K=4, beta=0.01, ode_after=ode_after,  # noqa
+                                           method=tuned, r_of_c="baseline", generator=torch.Generator().manual_seed(0),
+                                           disable=True)
+    assert torch.equal(demon(100.0), tuned(model, x, disable=True))  # no Demon step: the tuned ODE tail alone
+    out = demon(1.0)  # Demon steps above σ = 1 (baseline look-aheads on the tuned grid), then the tuned tail
+    assert out.shape == (3, 2) and torch.isfinite(out).all()

@@ -58,6 +58,19 @@ class TunedSampler:
         return odeint(model, x, self.sigmas, extra_args=extra_args, callback=callback, disable=disable,
                       method=self.method, **self.solver_kw)
 
+    def along(self, sigmas: Tensor) -> Tensor:
+        """The tuned grid between ``sigmas[0]`` and ``sigmas[-1]``: what ``odeint(method=tuned)`` integrates.
+
+        The full range gives ``self.sigmas``; a later start (Demon's look-ahead from σ_i, an ODE tail)
+        keeps the tuned σ values below it (those within 1e-4 relative of the start are merged into it).
+        """
+        check_sigmas(sigmas, decreasing=True, end_zero=False)
+        start, end = float(sigmas[0]), float(sigmas[-1])
+        inner = [s for s in self.sigmas.tolist() if end < s < start * (1 - 1e-4)]
+        if end > 0 and inner and inner[-1] <= end * (1 + 1e-4):
+            inner = inner[:-1]
+        return torch.tensor([start, *inner, end], dtype=torch.float64, device=sigmas.device)
+
     def __repr__(self) -> str:
         grid = ", ".join(f"{s:.4g}" for s in self.sigmas.tolist())
         return f"TunedSampler(method={self.method!r}, nfe={self.nfe}, sigmas=[{grid}])"
@@ -149,11 +162,12 @@ def gits_grid(s: list[float], states: Tensor, Ds: Tensor, x0: Tensor, nfe: int) 
     return [s[i] for i in reversed(path)] + [0.0]
 
 
-def _grid_of(theta: np.ndarray, log_max: float, log_min: float) -> list[float]:
+def _grid_of(theta: np.ndarray, sigma_max: float, log_min: float) -> list[float]:
     """Grid from softmax increments of log σ over [log σ_min, log σ_max] (the last one is slack)."""
+    log_max = math.log(sigma_max)
     w = np.exp(theta - theta.max())
     steps = np.cumsum(w / w.sum())[:-1]
-    return [math.exp(log_max)] + [math.exp(log_max - (log_max - log_min) * c) for c in steps] + [0.0]
+    return [sigma_max] + [math.exp(log_max - (log_max - log_min) * c) for c in steps] + [0.0]
 
 
 def _theta_of(grid: list[float], log_min: float) -> np.ndarray:
@@ -174,13 +188,12 @@ def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, 
 
 def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) -> tuple[list[float], float]:
     """End-to-end refinement of the interior log σ (Nelder–Mead on softmax increments)."""
-    log_max = math.log(grid[0])
-    fun = lambda theta: objective(_grid_of(theta, log_max, log_min))  # noqa: E731
+    fun = lambda theta: objective(_grid_of(theta, grid[0], log_min))  # noqa: E731
     theta0 = _theta_of(grid, log_min)
     res = minimize(fun, theta0, method="Nelder-Mead",
                    options={"maxfev": max_evals, "xatol": 1e-3, "fatol": 0.0, "initial_simplex":
                             np.vstack([theta0] + [theta0 + 0.5 * e for e in np.eye(len(theta0))])})
-    return _grid_of(res.x, log_max, log_min), float(res.fun)
+    return _grid_of(res.x, grid[0], log_min), float(res.fun)
 
 
 @torch.no_grad()
@@ -208,6 +221,7 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     counted, clock = CountingDenoiser(model), time.perf_counter()
     s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
+    s[0], s[-1] = sigma_max, sigma_min  # exactly, not through exp(log(·))
     states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
     teacher_nfe = counted.calls
     starts = {"gits": gits_grid(s, states, Ds, x0, nfe),
