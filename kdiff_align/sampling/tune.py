@@ -178,11 +178,15 @@ def _theta_of(grid: list[float], log_min: float) -> np.ndarray:
 
 
 def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict) -> float:
-    """Mean per-sample L2 error of ``method`` on ``grid`` against the teacher's final samples."""
+    """Mean log per-sample L2 error of ``method`` on ``grid`` against the teacher's final samples.
+
+    The log (a geometric mean) weighs the typical item, as the median does: at 5–10 NFE per-item errors
+    span decades, and on multimodal data a few items near a mode boundary would dominate a plain mean.
+    """
     sigmas = torch.tensor(grid, dtype=torch.float64)
     out = multistep_odeint(model, x_T, sigmas, method, extra_args=extra_args, disable=True,
                            lower_order_final=True)
-    err = float(_per_item((out - x0).unsqueeze(0)).mean())
+    err = float(_per_item((out - x0).unsqueeze(0)).double().clamp_min(1e-300).log().mean())
     return err if math.isfinite(err) else math.inf
 
 
