@@ -212,3 +212,38 @@ def test_demon_and_search_take_a_tuned_sampler():
     assert torch.equal(demon(100.0), tuned(model, x, disable=True))  # no Demon step: the tuned ODE tail alone
     out = demon(1.0)  # Demon steps above σ = 1 (baseline look-aheads on the tuned grid), then the tuned tail
     assert out.shape == (3, 2) and torch.isfinite(out).all()
+
+
+def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys):
+    import json
+
+    from kdiff_align.apps import cli
+    out = tmp_path / "tuned.json"
+    assert cli.main(["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(out), "--prompt", "dark",
+                     "--cfg", "1.5", "--calib", "8", "--max-evals", "6", "--no-progress"]) == 0
+    tuned = TunedSampler.load(out)
+    assert tuned.nfe == 3 and tuned.info["cfg"] == 1.5 and tuned.tuning_nfe > 0
+    gen = tmp_path / "gen"
+    assert cli.main(["generate", "--model", "toy:mixture", "--prompt", "dark", "--seeds", "0-1", "--cfg", "1.5",
+                     "--method", "best_of_n", "--n", "3", "--reward", "brightness", "--sampler", str(out),
+                     "--out", str(gen), "--no-progress"]) == 0
+    images = [json.loads(line) for line in (gen / "steps.jsonl").read_text().splitlines()
+              if json.loads(line).get("kind") == "image"]
+    assert [r["nfe_forward"] for r in images] == [3 * 3, 3 * 3]  # n candidates × the tuned sampler's NFE
+    assert cli.main(["demon", "--model", "toy:mixture", "--prompt", "dark", "--reward", "brightness", "--cfg", "1.5",
+                     "--sampler", str(out), "--steps", "6", "--K", "2", "--out", str(tmp_path / "demon"),
+                     "--no-progress"]) == 0
+    config = json.loads(next((tmp_path / "demon").glob("*/config.json")).read_text())
+    assert config["method"]["sigmas"] == tuned.sigmas.tolist()
+    capsys.readouterr()
+    for argv, words in ((["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(tmp_path / "t.txt")], "--out"),
+                        (["tune", "--model", "toy:mixture", "--nfe", "0", "--out", str(out)], "--nfe"),
+                        (["generate", "--model", "toy:mixture", "--prompt", "dark", "--out", str(tmp_path / "g2"),
+                          "--sampler", str(tmp_path / "missing.json")], "--sampler")):
+        try:
+            status = cli.main(argv)
+        except SystemExit as exit_info:
+            status = exit_info.code
+        err = capsys.readouterr().err
+        assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "t.txt").exists() and not (tmp_path / "g2").exists()

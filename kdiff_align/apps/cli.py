@@ -1,4 +1,4 @@
-"""Command line: kdiff-align {demo, demon, generate, arena} (kdiff-align SUB --help for each).
+"""Command line: kdiff-align {demo, demon, generate, arena, tune} (kdiff-align SUB --help for each).
 
 A bad value fails before anything is loaded or written, with one line naming the flag and exit
 status 2 (--debug shows the traceback); Ctrl-C stops with one line saying what was kept (exit 130).
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import arena, cliargs, demon, generate
+from . import arena, cliargs, demon, generate, tune
 from . import demo as main_job
 
 
@@ -47,6 +47,7 @@ def parser() -> cliargs.Parser:
     demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
     arena.add_cli(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
+    tune.add_cli(sub)  # kdiff-align tune --model ... --nfe 6 --out tuned.json
     return top
 
 
