@@ -96,9 +96,10 @@ def peer_solvers(K) -> dict:
 
 
 def steps_for(solver, model, x, budget: int) -> int | None:
-    """The most steps whose counted NFE (one item) fits ``budget``."""
+    """The most steps whose counted NFE (one item) fits ``budget`` (counted on a stand-in D = 0: these
+    fixed-grid solvers' call counts do not depend on the values)."""
     for n in range(budget, 0, -1):
-        counting = CountingDenoiser(model)
+        counting = CountingDenoiser(lambda x, sigma, **kw: torch.zeros_like(x))
         solver(counting, x[:1], ka.get_sigmas_karras(n, 0.01, 10.0).double().to(x.dtype))
         if counting.calls <= budget:
             return n
@@ -212,7 +213,7 @@ def run_model(args) -> None:
                                 method=("unipc", "deis", "dpmpp_2m"), candidates=24, max_evals=args.max_evals)
         seconds = time.perf_counter() - clock
         mine = scores(tuned(D_eval, x_eval, disable=True), ref)["median"]
-        best = min((scores(f(D_eval, x_eval, g(steps)), ref)["median"], f"{label}/{sched}", label, sched)
+        best = min((scores(f(D_eval, x_eval, g(steps).to(x_eval.dtype)), ref)["median"], f"{label}/{sched}", label, sched)
                    for label, f in peers.items() for steps in [steps_for(f, D_eval, x_eval, b)] if steps
                    for sched, g in grids.items())
         tuned_at[b], best_at[b] = tuned, best
@@ -223,7 +224,7 @@ def run_model(args) -> None:
         f_test = features(pipe.classifier, x_test)
         label, sched = best_at[10][2], best_at[10][3]
         steps = steps_for(peers[label], D_eval, x_eval, 10)
-        peer = lambda m, x: peers[label](m, x, grids[sched](steps))  # noqa: E731
+        peer = lambda m, x: peers[label](m, x, grids[sched](steps).to(x.dtype))  # noqa: E731
         fd_tuned = frechet_distance(features(pipe.classifier, sample_in_chunks(
             lambda m, x: tuned_at[args.fd_nfe](m, x, disable=True), pipe, args.cfg, args.fd, 10)), f_test)
         fd_peer = frechet_distance(features(pipe.classifier, sample_in_chunks(peer, pipe, args.cfg, args.fd, 10)),
