@@ -247,3 +247,18 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
         err = capsys.readouterr().err
         assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "t.txt").exists() and not (tmp_path / "g2").exists()
+
+
+def test_newton_outer_sampler_runs_a_tuned_grid():
+    from kdiff_align.align.newton import sample_constrained
+    model = gaussian(4)
+    tuned = tune_sampler(model, noises(16, 4, 0), 5, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, method="deis",
+                         candidates=16, max_evals=8)
+    mask = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    x, residual = noises(4, 4, 1), lambda x0: (x0 - 1.0) * mask  # constrain the first coordinate to 1
+    run = lambda window: sample_constrained(model, x, tuned.sigmas, residual, sampler=tuned.method,  # noqa: E731
+                                            window=window, disable=True, return_info=True)
+    plain, info = run((1e3, 1e4))  # no σ in the window: the tuned sampler itself, same calls
+    assert torch.equal(plain, tuned(model, x, disable=True)) and info["nfe"] == tuned.nfe
+    constrained, _ = run((0.1, 5.0))
+    assert (constrained[:, 0] - 1.0).abs().mean() < (plain[:, 0] - 1.0).abs().mean()
