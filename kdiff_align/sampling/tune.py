@@ -213,7 +213,8 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         method: a multistep solver name or a tuple of names to choose from (default ``TUNE_METHODS``).
         candidates: number of log-uniform candidate σ values of the DP; ``substeps`` teacher steps
             between neighbours (teacher: DPM-Solver++(3M), ``(candidates − 1)·substeps + 1`` evaluations).
-        max_evals: end-to-end sampler runs of the refinement (default 40 per free σ); 0 keeps the DP grid.
+        max_evals: end-to-end sampler runs of each solver's refinement (default 40 per free σ); 0 keeps
+            the best start (GITS, Karras ρ = 7 or exponential grid).
     """
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method)
     if sigma_max is None:
@@ -234,14 +235,16 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     del states, Ds
     objective = lambda m: lambda g: final_error(counted, x_T, x0, g, m, extra_args)  # noqa: E731
     errors = {(m, k): objective(m)(g) for m in methods for k, g in starts.items()}
-    best, start = min(errors, key=errors.get)
-    grid, evals = starts[start], 40 * (nfe - 1) if max_evals is None else max_evals
-    for _ in range(2 if nfe > 1 and evals > 0 else 0):  # a restart helps Nelder–Mead out of a collapsed simplex
-        grid, _ = refine_grid(objective(best), grid, math.log(sigma_min), evals // 2)
-    final = {(m, "refined"): objective(m)(grid) for m in methods} | errors  # never worse than a start
-    (best, start), error = min(final.items(), key=lambda kv: kv[1])
-    grid = grid if start == "refined" else starts[start]
+    evals, refined = 40 * (nfe - 1) if max_evals is None else max_evals, {}
+    for m in methods if nfe > 1 and evals > 0 else ():  # each solver from its best start: their ranking
+        grid = starts[min(starts, key=lambda k: errors[m, k])]  # before refinement does not predict after
+        for _ in range(2):  # a restart helps Nelder–Mead out of a collapsed simplex
+            grid, error = refine_grid(objective(m), grid, math.log(sigma_min), evals // 2)
+        refined[m] = grid
+        errors[m, "refined"] = error
+    (best, start), error = min(errors.items(), key=lambda kv: kv[1])  # never worse than a start
+    grid = refined[best] if start == "refined" else starts[start]
     info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
-            "start_errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
+            "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
             "sigma_max": sigma_max, "tuning_rows": counted.rows, "seconds": round(time.perf_counter() - clock, 3)}
     return TunedSampler(grid, best, solver_kw={"lower_order_final": True}, tuning_nfe=counted.calls, info=info)
