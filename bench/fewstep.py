@@ -2,6 +2,7 @@
 
     python bench/fewstep.py closed                       # closed-form problems, VE and SD3-flow grids
     python bench/fewstep.py model --model fashion --cfg 0 # a shipped model (median distance, FD)
+    python bench/fewstep.py flow                         # our default solvers vs k-diffusion's LMS, SD3 grids
 
 ``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64, on Karras-range VE grids
 (σ ∈ [0.002, 80]) and, through ``FlowDenoiser``, on SD3-shift flow grids (σ from ``get_sigmas_flow(n,
@@ -21,6 +22,9 @@ unconditional model), median distance to a 500-step DPM-Solver++(3M) reference f
 ``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ), then the
 Fréchet distance (classifier features, ``kdiff_align.metrics``) of ``--fd`` samples of the tuned
 sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE and seconds.
+
+``flow``: the median error of each of our multistep solvers at its default settings over k-diffusion's
+``sample_lms`` on SD3-shift grids at 15–40 steps (the closed-form problems above, 512 items).
 """
 from __future__ import annotations
 
@@ -233,9 +237,29 @@ def run_model(args) -> None:
               f"({label}/{sched}) {fd_peer:.3f} | ratio {fd_tuned / fd_peer:.3f} (target <= 1)")
 
 
+def run_flow(args) -> None:
+    """Our multistep solvers at their default settings against k-diffusion's LMS on SD3-shift grids."""
+    K = _kdiffusion.load()
+    if K is None:
+        raise SystemExit("k-diffusion could not be loaded: this comparison needs its sample_lms")
+    sigma_min, sigma_max = FLOW_RANGE
+    print(f"== median error / k-diffusion LMS's, SD3-shift flow grids (shift {FLOW_SHIFT}), {args.n} items")
+    for name, law in laws().items():
+        model = as_flow(law)
+        dim = law.mean.shape[0] if isinstance(law, GaussianDenoiser) else law.means.shape[1]
+        x = torch.randn(args.n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * sigma_max
+        ref = ka.odeint(model, x, ka.get_sigmas_karras(2000, sigma_min, sigma_max).double(), disable=True)
+        for n in args.budgets:
+            s = ka.schedules.get_sigmas_flow(n, shift=FLOW_SHIFT).double()
+            lms = scores(K.sample_lms(model, x, s, disable=True), ref)["median"]
+            ratios = {m: scores(ka.odeint(model, x, s, method=m, disable=True), ref)["median"] / lms
+                      for m in ka.sampling.MULTISTEP_METHODS}
+            print(f"{name:8s} NFE {n:2d} " + " ".join(f"{m} {r:.2f}" for m, r in ratios.items()))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("closed", "model"))
+    parser.add_argument("part", choices=("closed", "model", "flow"))
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="NFE budgets (closed: 5 6 8 10)")
     parser.add_argument("--n", type=int, default=None, help="evaluation items (closed: 512, model: 32)")
     parser.add_argument("--calib", type=int, default=None, help="calibration noises (closed: 128, model: 32)")
@@ -246,10 +270,10 @@ def main(argv=None) -> None:
     parser.add_argument("--fd-nfe", type=int, default=6)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    closed = args.part == "closed"
-    args.budgets = args.budgets or ([5, 6, 8, 10] if closed else [6, 10])
-    args.n, args.calib = args.n or (512 if closed else 32), args.calib or (128 if closed else 32)
-    run_closed(args) if closed else run_model(args)
+    model = args.part == "model"
+    args.budgets = args.budgets or ([6, 10] if model else [15, 20, 30, 40] if args.part == "flow" else [5, 6, 8, 10])
+    args.n, args.calib = args.n or (32 if model else 512), args.calib or (32 if model else 128)
+    {"closed": run_closed, "model": run_model, "flow": run_flow}[args.part](args)
 
 
 if __name__ == "__main__":

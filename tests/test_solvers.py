@@ -158,9 +158,11 @@ def test_matches_diffusers_scheduler_step_for_step(unet, method, kw, cls, config
             torch.testing.assert_close(part, states[k] * scale(sigmas[k + 1].float()), rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("method,below", [("deis", 15), ("dpmpp_3m", None), ("unipc", None)])
+@pytest.mark.parametrize("method,below", [("deis", 15), ("dpmpp_3m", None), ("unipc", None), ("lms", 0),
+                                          ("ipndm", 0)])
 def test_default_lower_order_final_follows_diffusers(method, below):
-    """diffusers' DEIS lowers the final orders only below 15 steps; UniPC (and our 3M) on every grid."""
+    """diffusers' DEIS lowers the final orders only below 15 steps; UniPC (and our 3M) on every grid;
+    LMS (k-diffusion's) and iPNDM never."""
     model, x = mixture(), x_T_of(8, 2, seed=2)
     for n in (8, 14, 15, 24):
         sigmas = ka.get_sigmas_karras(n, 0.01, SIGMA_MAX).double()

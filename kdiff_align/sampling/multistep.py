@@ -4,7 +4,7 @@ In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponentia
 (DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
 (``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``
-(DPM-Solver++(2M) and DEIS only below 15 steps, diffusers' rule).
+(DPM-Solver++(2M) and DEIS only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's LMS).
 Grids may end above 0 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
@@ -140,13 +140,14 @@ def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
 
     Where we implement diffusers' algorithm we keep its rule: ``DPMSolverMultistepScheduler`` (2M) and
     ``DEISMultistepScheduler`` lower it only on grids of fewer than 15 steps, ``UniPCMultistepScheduler``
-    on every grid. Our 3M (its third-order term differs from diffusers'), LMS and iPNDM lower it on
-    every grid: on SD3-shift flow grids, whose last step spans ~3 in log σ, full-order 3M is 20–100×
-    less accurate (LMS's k-diffusion drop-in keeps the full order).
+    on every grid. Our 3M (its third-order term differs from diffusers') lowers it on every grid: on
+    SD3-shift flow grids, whose last step spans ~3 in log σ, full-order 3M is 20–100× less accurate.
+    LMS and iPNDM keep the full order, as k-diffusion's LMS does: on those flow grids lowering made
+    them 1.4–5× less accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
     """
     if method in ("dpmpp_2m", "deis"):
         return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
-    return ends_in_zero
+    return ends_in_zero and method not in ("lms", "ipndm")
 
 
 def check_order(method: str, order: int | None) -> int:
