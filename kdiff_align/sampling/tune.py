@@ -20,8 +20,8 @@ from scipy.optimize import minimize
 from torch import Tensor
 from tqdm.auto import trange
 
-from ..testing import CountingDenoiser
 from ..schedules import get_sigmas_exponential, get_sigmas_karras
+from ..testing import CountingDenoiser
 from ..utils import as_sigma, atomic_write, check_finite, check_sigmas
 from .core import check_method, odeint
 from .multistep import MULTISTEP_METHODS, MultistepSolver, multistep_odeint
@@ -50,6 +50,7 @@ class TunedSampler:
 
     @property
     def nfe(self) -> int:
+        """Network evaluations per sample: one per step of the grid."""
         return len(self.sigmas) - 1
 
     def __call__(self, model, x: Tensor, *, extra_args: dict | None = None, callback=None,
