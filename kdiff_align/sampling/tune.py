@@ -5,7 +5,7 @@ by dynamic programming over one-step costs between candidate σ values (GITS, Ch
 refines the grid's interior log σ end to end against the teacher's final samples with the multistep
 solver that will run it (derivative-free; the ordering is kept by softmax increments in log σ), and
 keeps the best solver among a few. A ``TunedSampler`` binds the grid: ``tuned(model, x)`` makes
-exactly ``nfe`` network evaluations. Formulas and pitfalls: ``reference/fewstep.md``.
+exactly ``nfe`` network evaluations. Usage and measurements: docs/solvers.md.
 """
 from __future__ import annotations
 
