@@ -209,8 +209,9 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
 
     Args:
         x_T: calibration noises ``[n, ...]`` already scaled to σ_max (n ≥ 2; 32–256 typical).
-        sigma_min, sigma_max: the grid's range; default the model's ``sigma_min``/``sigma_max``
-            attributes, else 0.002 and the RMS of ``x_T``.
+        sigma_min: the grid's smallest positive σ; default the model's ``sigma_min`` attribute, else 0.002.
+        sigma_max: the grid's first σ (the noise level of ``x_T``); default the model's ``sigma_max``
+            attribute, else the RMS of ``x_T``.
         method: a multistep solver name or a tuple of names to choose from (default ``TUNE_METHODS``).
         candidates: number of log-uniform candidate σ values of the DP; ``substeps`` teacher steps
             between neighbours (teacher: DPM-Solver++(3M), ``(candidates − 1)·substeps + 1`` evaluations).
