@@ -458,7 +458,9 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         constraint, NaN outside the window) and ``info["nfe"]``.
     """
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
-    stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
+    # lowered final orders: the last step is x = x̂₀ (post-constraint) for every multistep solver
+    stepper = (MultistepSolver(sampler, sigmas.tolist(), lower_order_final=True) if sampler in MULTISTEP_SAMPLERS
+               else sampler)
     nfe, history = 0, []
     for i in trange(len(sigmas) - 1, disable=disable):
         sigma = as_sigma(sigmas[i], x)
