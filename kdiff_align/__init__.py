@@ -8,7 +8,7 @@ from . import cond, external, image, models, sampling, schedules, testing, utils
 from .cond import cfg_denoiser, condition_denoiser
 from .image import from_latent_to_pil, from_pil, from_pil_to_latent, get_init_latent, to_pil
 from .models import Pipeline, from_pretrained
-from .sampling import ode_step, odeint, oderevert, sde_step, sdeint
+from .sampling import TunedSampler, ode_step, odeint, oderevert, sde_step, sdeint, tune_sampler
 from .schedules import (append_zero, get_sigmas_exponential, get_sigmas_karras, get_sigmas_polyexponential,
                         get_sigmas_vp, revert_sigmas)
 

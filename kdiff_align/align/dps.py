@@ -51,7 +51,8 @@ def sample_dps(model, x: Tensor, sigmas: Tensor, residual: Callable[[Tensor], Te
     """
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     check_choice(step_space, STEP_SPACES, "step_space")
-    stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
+    stepper = (MultistepSolver(sampler, sigmas.tolist(), lower_order_final=True) if sampler in MULTISTEP_SAMPLERS
+               else sampler)  # the last step is x = x̂₀ for every multistep solver
     counts, backward, history = {"forward": 0}, 0, []
     net = counting(model, counts)
     for i in trange(len(sigmas) - 1, disable=disable):

@@ -529,7 +529,9 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     check_window(window, sigmas)
     check_lr(lr)
-    stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
+    # lowered final orders: the last step is x = x̂₀ (post-constraint) for every multistep solver
+    stepper = (MultistepSolver(sampler, sigmas.tolist(), lower_order_final=True) if sampler in MULTISTEP_SAMPLERS
+               else sampler)
     counts, history = {"forward": 0, "backward": 0}, []
     net = counting(model, counts)
     for i in trange(len(sigmas) - 1, disable=disable):

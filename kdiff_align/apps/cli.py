@@ -1,4 +1,4 @@
-"""Command line: kdiff-align {demo, demon, generate, arena} (kdiff-align SUB --help for each).
+"""Command line: kdiff-align {demo, demon, generate, arena, tune} (kdiff-align SUB --help for each).
 
 A bad value fails before anything is loaded or written, with one line naming the flag and exit
 status 2 (--debug shows the traceback); Ctrl-C stops with one line saying what was kept (exit 130).
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import cliargs, demon, generate
+from . import cliargs, demon, generate, tune
 from .arena.cli import add_cli as add_arena
 from . import demo as main_job
 
@@ -48,6 +48,7 @@ def parser() -> cliargs.Parser:
     demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
     add_arena(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
+    tune.add_cli(sub)  # kdiff-align tune --model ... --nfe 6 --out tuned.json
     return top
 
 

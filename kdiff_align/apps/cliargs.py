@@ -242,6 +242,28 @@ def device(text: str) -> str:
     return text
 
 
+def sampler_spec(text: str):
+    """``--sampler``: a PF-ODE method name (``sampling.METHODS``) or a tuned sampler's JSON file
+    (``kdiff-align tune --out FILE``), loaded here so a bad file fails while parsing."""
+    from ..sampling import METHODS, TunedSampler
+    if text in METHODS:
+        return text
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(METHODS)} or a tuned sampler's .json file "
+                                         f"(kdiff-align tune), got {text!r}")
+    try:
+        tuned = TunedSampler.load(text)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"cannot load {text!r} as a tuned sampler: {error}") from None
+    tuned.source = text
+    return tuned
+
+
+def sampler_label(sampler) -> str:
+    """What a run records for ``--sampler``: the method name or the tuned sampler's file."""
+    return sampler if isinstance(sampler, str) else getattr(sampler, "source", repr(sampler))
+
+
 def model_spec(text: str) -> str:
     """``toy:NAME`` (fashion, digits, fashion_latent, mixture) or a local diffusers folder; ``toy`` is deprecated."""
     if text == "toy":
@@ -313,6 +335,12 @@ def add_steps_argument(p, default: int = 20) -> None:
                    help="sampling steps on the Karras grid from sigma_max to sigma_min, then the step to 0")
     p.add_argument("--T", dest="steps", type=positive_int, action=DeprecatedAlias, new="--steps",
                    help=argparse.SUPPRESS)
+
+
+def add_sampler_argument(p, help: str) -> None:
+    """``--sampler NAME|FILE.json``: a PF-ODE method, or a tuned sampler whose own grid replaces ``--steps``'s."""
+    p.add_argument("--sampler", type=sampler_spec, default="heun", metavar="METHOD|TUNED.json",
+                   help=help + "; a file from kdiff-align tune runs its tuned grid (its NFE, not --steps)")
 
 
 def add_reward_arguments(p, default: str = "jpeg-small") -> None:

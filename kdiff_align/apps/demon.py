@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import sampling
 from ..align.demon import RewardDemon, plot_rewards, save_comparison
 from ..models import load_model
 from . import cliargs
@@ -26,8 +25,8 @@ def add_cli(sub) -> None:
     p.add_argument("--reward-class", default=None, help="deprecated: use --reward classifier:CLASS")
     cliargs.add_steps_argument(p)
     cliargs.add_demon_arguments(p)
-    p.add_argument("--sampler", default="heun", choices=sampling.METHODS,
-                   help="PF-ODE method of the plain image, the tail after --ode-after and the baseline rollouts")
+    cliargs.add_sampler_argument(p, "PF-ODE method of the plain image, the tail after --ode-after and the "
+                                    "baseline rollouts")
     p.add_argument("--cfg", type=cliargs.float_in(), default=3.0, help="classifier-free guidance weight")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the initial noise and of the candidates")
     p.add_argument("--out", type=cliargs.out_dir, default="experiments/demon",

@@ -142,7 +142,7 @@ def run_config(args, prompts: list[str], seeds: list[int]) -> dict:
     reward = dict(vlm_url=args.vlm_url, vlm_model=args.vlm_model) if args.reward == "vlm" else \
         dict(aesthetic_head=str(args.aesthetic_head)) if args.reward.startswith("aesthetic") else {}
     # the default sampler is left out, so that runs made before --sampler existed stay resumable
-    sampler = {} if getattr(args, "sampler", "heun") == "heun" else {"sampler": args.sampler}
+    sampler = {} if getattr(args, "sampler", "heun") == "heun" else {"sampler": cliargs.sampler_label(args.sampler)}
     return {**config, **sampler, **method, **reward}
 
 
@@ -348,8 +348,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=cliargs.out_dir, required=True,
                    help="experiment directory; an existing one is resumed")
     cliargs.add_steps_argument(p)
-    p.add_argument("--sampler", default="heun", choices=sampling.METHODS,
-                   help="PF-ODE method of plain / best_of_n sampling and of Demon's tail and rollouts")
+    cliargs.add_sampler_argument(p, "PF-ODE method of plain / best_of_n sampling and of Demon's tail and rollouts")
     p.add_argument("--cfg", type=cliargs.float_in(), default=3.0, help="classifier-free guidance weight")
     p.add_argument("--n", type=cliargs.positive_int, default=4, help="best_of_n: candidates per image")
     cliargs.add_demon_arguments(p, prefix="demon: ")

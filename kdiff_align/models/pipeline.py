@@ -75,10 +75,18 @@ class Pipeline:
         """σ_init·n with n ~ N(0, I) (the seed's ``get_init_latent``; 14.6488 for SD)."""
         return image.get_init_latent(batch, self.latent_shape, self.init_sigma, generator, self.dtype, self.device)
 
-    def odeint(self, x: Tensor, condition: Condition, steps: int, start_t: float | None = None, **kwargs) -> Tensor:
+    def odeint(self, x: Tensor, condition: Condition, steps: int | None = None, start_t: float | None = None, *,
+               sampler: sampling.TunedSampler | None = None, **kwargs) -> Tensor:
         """Sample x from σ = ``start_t`` to 0 along the PF-ODE (Heun by default; ``method=`` picks any of
-        ``sampling.METHODS``, e.g. ``"dpmpp_2m"`` or ``"unipc"`` at one UNet call per step)."""
-        return sampling.odeint(self.guided(condition, _batch(x)), x, self.sigmas(steps, start_t), **kwargs)
+        ``sampling.METHODS``, e.g. ``"dpmpp_2m"`` or ``"unipc"`` at one UNet call per step), or with a
+        ``sampler=`` from ``sampling.tune_sampler``, whose own grid replaces ``steps`` and ``start_t``."""
+        if sampler is None:
+            if steps is None:
+                raise TypeError("odeint needs steps (or sampler=, a TunedSampler)")
+            return sampling.odeint(self.guided(condition, _batch(x)), x, self.sigmas(steps, start_t), **kwargs)
+        if steps is not None or start_t is not None or "method" in kwargs:
+            raise ValueError("sampler= brings its own grid and method: leave steps, start_t and method unset")
+        return sampler(self.guided(condition, _batch(x)), x, **kwargs)
 
     def oderevert(self, x: Tensor, condition: Condition, start_t: float | None = None, steps: int = 100,
                   **kwargs) -> Tensor:

@@ -13,3 +13,4 @@ from .kdiffusion import (sample_deis, sample_dpm_2, sample_dpm_2_ancestral, samp
 from .likelihood import log_likelihood
 from .multistep import MULTISTEP_METHODS
 from .sde import BROWNIAN_METHODS, SDE_METHODS, BrownianTreeNoiseSampler
+from .tune import TUNE_METHODS, TunedSampler, tune_sampler

@@ -30,7 +30,9 @@ NFE_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "rk4": 4, **{m: 1 for m in MUL
 
 
 def check_method(method: str, allowed=METHODS) -> str:
-    """Reject unknown integrator names, listing the valid ones."""
+    """Reject unknown integrator names, listing the valid ones (a ``TunedSampler`` passes ``odeint``'s)."""
+    if hasattr(method, "along") and allowed is METHODS:
+        return method
     if method not in allowed:
         raise ValueError(f"method must be one of {', '.join(allowed)}; got {method!r}")
     return method
@@ -248,9 +250,13 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     ``sigmas[:k]``) returns the noisy state there, so ``odeint(sigmas[k-1:])`` can continue it.
 
     Args:
+        method: a name from ``METHODS``, or a ``TunedSampler``, whose solver then runs on its own grid
+            between ``sigmas[0]`` and ``sigmas[-1]`` (``TunedSampler.along``).
         solver_kw: multistep options: ``order``, ``variant`` (UniPC "bh1"/"bh2"),
             ``lower_order_final``.
     """
+    if hasattr(method, "along"):
+        sigmas, solver_kw, method = method.along(sigmas), {**method.solver_kw, **solver_kw}, method.method
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True, end_zero=False)
     model = _shape_checked(model)
     if solver_kw and method not in MULTISTEP_METHODS:

@@ -3,7 +3,8 @@
 In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponential integrators
 (DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
-(``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``.
+(``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``
+(DPM-Solver++(2M) and DEIS only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's LMS).
 Grids may end above 0 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
@@ -131,6 +132,24 @@ def step_order(order: int, i: int, n: int, lower_order_final: bool) -> int:
     return min(p, n - i) if lower_order_final else p
 
 
+DIFFUSERS_LOWER_BELOW = 15  # diffusers' DPM-Solver++ and DEIS lower the final order only below 15 steps
+
+
+def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
+    """Whether to lower the order on the last steps by default (on grids ending in 0 only).
+
+    Where we implement diffusers' algorithm we keep its rule: ``DPMSolverMultistepScheduler`` (2M) and
+    ``DEISMultistepScheduler`` lower it only on grids of fewer than 15 steps, ``UniPCMultistepScheduler``
+    on every grid. Our 3M (its third-order term differs from diffusers') lowers it on every grid: on
+    SD3-shift flow grids, whose last step spans ~3 in log σ, full-order 3M is 20–100× less accurate.
+    LMS and iPNDM keep the full order, as k-diffusion's LMS does: on those flow grids lowering made
+    them 1.4–5× less accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
+    """
+    if method in ("dpmpp_2m", "deis"):
+        return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
+    return ends_in_zero and method not in ("lms", "ipndm")
+
+
 def check_order(method: str, order: int | None) -> int:
     """The order to use: ``DEFAULT_ORDER`` when None, else 1 … ``MAX_ORDER[method]``."""
     order = DEFAULT_ORDER[method] if order is None else order
@@ -172,7 +191,8 @@ class MultistepSolver:
         if variant not in UNIPC_VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(UNIPC_VARIANTS)}; got {variant!r}")
         self.method, self.s, self.order, self.variant = method, s, check_order(method, order), variant
-        self.lower_order_final = s[-1] == 0 if lower_order_final is None else lower_order_final
+        self.lower_order_final = (default_lower_order_final(method, len(s) - 1, s[-1] == 0)
+                                  if lower_order_final is None else lower_order_final)
         self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
 
     def correct(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
@@ -204,7 +224,8 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
         lower_order_final: lower the order on the last steps (UniPC's rule, min(order, steps left));
             False keeps the full order to the end (k-diffusion's LMS, diffusers' schedulers on long grids).
             None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
-            full order up to the hand-off.
+            full order up to the hand-off, and for dpmpp_2m/deis only below 15 steps, as
+            diffusers does (``default_lower_order_final``).
     """
     solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final)
     for i in trange(len(sigmas) - 1, disable=disable):

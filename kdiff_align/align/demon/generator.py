@@ -164,7 +164,8 @@ class DemonGenerator(abc.ABC):
                 "demon_type": self.demon_type, "r_of_c": self.r_of_c, "c_steps": self.c_steps,
                 "ode_after": self.ode_after, "grid": self.grid, "seed": self.seed, "run": self.runs,
                 "run_seed": self.seed + self.runs, "save_pils": self.save_pils,
-                "pipeline": type(self.pipeline).__name__, "method": self.method,
+                "pipeline": type(self.pipeline).__name__,
+                "method": self.method if isinstance(self.method, str) else self.method.to_dict(),
                 "latent_shape": list(self.pipeline.latent_shape),
                 "consistency_model": None if self.consistency_model is None else type(self.consistency_model).__name__}
 

@@ -1,0 +1,280 @@
+"""Few-step frontier (issue 25): tuned samplers against the best peer solver *and* schedule at 5–10 NFE.
+
+    python bench/fewstep.py closed                       # closed-form problems, VE and SD3-flow grids
+    python bench/fewstep.py model --model fashion --cfg 0 # a shipped model (median distance, FD)
+    python bench/fewstep.py flow                         # our default solvers vs k-diffusion's LMS, SD3 grids
+
+``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64, on Karras-range VE grids
+(σ ∈ [0.002, 80]) and, through ``FlowDenoiser``, on SD3-shift flow grids (σ from ``get_sigmas_flow(n,
+shift=3)``'s range, ~0.003 to ~3000). ``tune_sampler`` is fitted on ``--calib`` noises and every
+sampler is evaluated on ``--n`` other noises against a 2000-step Heun reference from the same noise;
+an item's error is ‖x − x_ref‖. Peers: k-diffusion 0.1.1's ODE samplers (euler, heun, dpm_2, lms,
+dpmpp_2m, dpmpp_3m_sde and dpmpp_2s_ancestral at η = 0) and diffusers' multistep schedulers (DPM++ 2M,
+UniPC 1–3, DEIS 2–3, LMS; run through our implementations, which ``tests/test_solvers.py`` matches
+step for step to diffusers'), each on its finest grid whose counted NFE fits the budget and on its
+best schedule among Karras ρ ∈ {5, 7, 9}, exponential, polyexponential (ρ = 2) and, on flow problems,
+SD3's shift 3. "Best peer" is the minimum over all (solver, schedule) pairs, separately for the median,
+the RMS and the mode-flip fraction (mixtures: items whose mode differs from the reference's).
+Ratios (tuned / best peer) are printed last.
+
+``model``: the shipped ``fashion`` / ``fashion_latent`` models at CFG weight ``--cfg`` (0: the
+unconditional model), median distance to a 500-step DPM-Solver++(3M) reference from the same noise on
+``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ), then the
+Fréchet distance (classifier features, ``kdiff_align.metrics``) of ``--fd`` samples of the tuned
+sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE and seconds.
+
+``flow``: the median error of each of our multistep solvers at its default settings over k-diffusion's
+``sample_lms`` on SD3-shift grids at 15–40 steps (the closed-form problems above, 512 items).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _kdiffusion  # noqa: E402
+
+import kdiff_align as ka  # noqa: E402
+from kdiff_align.external import FlowDenoiser  # noqa: E402
+from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser  # noqa: E402
+
+VE_RANGE = (0.002, 80.0)
+FLOW_SHIFT = 3.0
+FLOW_RANGE = tuple(ka.schedules.get_sigmas_flow(2, shift=FLOW_SHIFT).double()[[1, 0]].tolist())
+
+
+def laws() -> dict:
+    """Closed-form data laws: two Gaussians and two mixtures (``bench/solvers.py``'s)."""
+    gen = torch.Generator().manual_seed(0)
+    means8 = torch.randn(4, 8, generator=gen) * 2
+    return {
+        "gauss8": GaussianDenoiser(torch.randn(8, generator=gen), torch.logspace(-1, 0.3, 8)).double(),
+        "gauss64": GaussianDenoiser(torch.randn(64, generator=gen) * 0.5, torch.logspace(-1.3, 0.3, 64)).double(),
+        "mix2d": MixtureDenoiser(torch.tensor([[-2.0, 0.0], [2.0, 0.5]]), torch.tensor([0.4, 0.6]),
+                                 torch.tensor([0.7, 0.3])).double(),
+        "mix8d": MixtureDenoiser(means8, torch.tensor([0.3, 0.5, 0.8, 0.2]), torch.tensor([0.4, 0.3, 0.2, 0.1])).double()}
+
+
+def as_flow(model):
+    """The same law through a rectified-flow velocity model and ``FlowDenoiser`` (SD3 convention)."""
+    def velocity(x_t, t):
+        sigma = t / (1 - t)
+        return (x_t - model(x_t / (1 - t).view(-1, *[1] * (x_t.ndim - 1)), sigma)) / t.view(-1, *[1] * (x_t.ndim - 1))
+    return FlowDenoiser(velocity)
+
+
+def schedules(flow: bool, sigma_min: float, sigma_max: float) -> dict:
+    """The peers' fixed schedules ``n -> sigmas`` (float64)."""
+    S = ka.schedules
+    out = {f"karras{rho}": (lambda rho: lambda n: S.get_sigmas_karras(n, sigma_min, sigma_max, rho).double())(rho)
+           for rho in (5, 7, 9)}
+    out["exponential"] = lambda n: S.get_sigmas_exponential(n, sigma_min, sigma_max).double()
+    out["polyexp2"] = lambda n: S.get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=2.0).double()
+    if flow:
+        out["sd3_shift3"] = lambda n: S.get_sigmas_flow(n, shift=FLOW_SHIFT).double()
+    return out
+
+
+def peer_solvers(K) -> dict:
+    """k-diffusion's ODE samplers and diffusers' multistep schedulers as ``f(model, x, sigmas)``."""
+    out = {}
+    if K is not None:
+        for n in ("euler", "heun", "dpm_2", "lms", "dpmpp_2m"):
+            out[f"K.{n}"] = (lambda f: lambda m, x, s: f(m, x, s, disable=True))(getattr(K, "sample_" + n))
+        out["K.dpmpp_3m_sde(eta=0)"] = lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, disable=True, eta=0.0)
+        out["K.dpmpp_2s_anc(eta=0)"] = lambda m, x, s: K.sample_dpmpp_2s_ancestral(m, x, s, disable=True, eta=0.0)
+    diffusers = {"D.dpmpp_2m": ("dpmpp_2m", {}), "D.lms": ("lms", {"lower_order_final": False}),
+                 **{f"D.unipc{p}": ("unipc", {"order": p, "lower_order_final": True}) for p in (1, 2, 3)},
+                 **{f"D.deis{p}": ("deis", {"order": p}) for p in (2, 3)}}
+    for label, (method, kw) in diffusers.items():
+        out[label] = (lambda method, kw: lambda m, x, s: ka.odeint(m, x, s, method=method, disable=True, **kw))(
+            method, kw)
+    return out
+
+
+def steps_for(solver, model, x, budget: int) -> int | None:
+    """The most steps whose counted NFE (one item) fits ``budget`` (counted on a stand-in D = 0: these
+    fixed-grid solvers' call counts do not depend on the values)."""
+    for n in range(budget, 0, -1):
+        counting = CountingDenoiser(lambda x, sigma, **kw: torch.zeros_like(x))
+        solver(counting, x[:1], ka.get_sigmas_karras(n, 0.01, 10.0).double().to(x.dtype))
+        if counting.calls <= budget:
+            return n
+    return None
+
+
+def scores(x, ref, model=None) -> dict:
+    """Median and RMS of ‖x − x_ref‖ over items, and the mode-flip fraction for mixtures."""
+    err = (x - ref).flatten(1).norm(dim=1)
+    out = {"median": err.median().item(), "rms": err.pow(2).mean().sqrt().item()}
+    if isinstance(model, MixtureDenoiser):
+        out["flips"] = (model.classify(x) != model.classify(ref)).double().mean().item()
+    return out
+
+
+def closed_problem(name: str, law, flow: bool, budgets, n: int, calib: int, peers: dict) -> dict:
+    """Tuned vs best peer on one closed-form problem; returns {budget: (tuned scores, best peer scores)}."""
+    model = as_flow(law) if flow else law
+    sigma_min, sigma_max = FLOW_RANGE if flow else VE_RANGE
+    dim = law.mean.shape[0] if isinstance(law, GaussianDenoiser) else law.means.shape[1]
+    noise = lambda k, seed: torch.randn(k, dim, dtype=torch.float64,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(seed)) * sigma_max
+    x_cal, x_eval = noise(calib, 1), noise(n, 2)
+    ref = ka.odeint(model, x_eval, ka.get_sigmas_karras(2000, sigma_min, sigma_max).double(), disable=True)
+    grids, out = schedules(flow, sigma_min, sigma_max), {}
+    print(f"== {name} ({'SD3-shift flow' if flow else 'VE'} grid range {sigma_min:.3g}–{sigma_max:.4g}, "
+          f"{n} items, tuned on {calib} others)")
+    for b in budgets:
+        clock = time.perf_counter()
+        tuned = ka.tune_sampler(model, x_cal, b, sigma_min=sigma_min, sigma_max=sigma_max)
+        seconds = time.perf_counter() - clock
+        mine = scores(tuned(model, x_eval, disable=True), ref, law)
+        best, which = {}, {}
+        for label, solver in peers.items():
+            steps = steps_for(solver, model, x_eval, b)
+            for sched, grid in grids.items():
+                sc = scores(solver(model, x_eval, grid(steps)), ref, law) if steps else {}
+                for k, v in sc.items():
+                    if not math.isnan(v) and v < best.get(k, math.inf):
+                        best[k], which[k] = v, f"{label}/{sched}"
+        out[b] = (mine, best)
+        print(f"  NFE {b:2d} tuned {tuned.method:8s} " + " ".join(f"{k} {v:.3g}" for k, v in mine.items())
+              + f" | best peer " + " ".join(f"{k} {best[k]:.3g} ({which[k]})" for k in mine)
+              + f" | tuning {tuned.tuning_nfe} NFE x {calib} rows, {seconds:.1f} s")
+    return out
+
+
+def run_closed(args) -> None:
+    K = _kdiffusion.load()
+    if K is None:
+        print("k-diffusion could not be loaded: its peers are left out")
+    peers, results = peer_solvers(K), {}
+    for name, law in laws().items():
+        for flow in (False, True):
+            label = f"{name}/{'flow' if flow else 've'}"
+            results[label] = closed_problem(label, law, flow, args.budgets, args.n, args.calib, peers)
+    print("\n== ratios tuned / best peer (targets: median <= 0.5 at 5, 6, 8 NFE, <= 0.7 at 10; "
+          "Gaussians RMS too; mixtures: flips <= peer's)")
+    for label, rows in results.items():
+        cells = []
+        for b, (mine, best) in rows.items():
+            cell = f"{b}: med {mine['median'] / best['median']:.2f} rms {mine['rms'] / best['rms']:.2f}"
+            if "flips" in mine:
+                cell += f" flips {mine['flips']:.3f}/{best['flips']:.3f}"
+            cells.append(cell)
+        print(f"{label:12s} " + " | ".join(cells))
+
+
+MODEL_PEERS = ("K.heun", "K.lms", "K.dpmpp_2m", "K.dpmpp_3m_sde(eta=0)", "D.unipc2", "D.unipc3", "D.deis3")
+
+
+def guided(pipe, cfg: float, classes: list[int]):
+    """The unconditional denoiser (cfg 0) or per-item CFG on ``classes`` (one call per evaluation)."""
+    if cfg == 0:
+        return pipe.null_denoiser()
+    return pipe.guided([{"prompts": [pipe.class_names[c]], "cfgs": [cfg]} for c in classes])
+
+
+def sample_in_chunks(sampler, pipe, cfg: float, n: int, seed: int, chunk: int = 250) -> torch.Tensor:
+    """``n`` decoded images from ``sampler(model, x)``, classes cycling over all of them."""
+    out = []
+    for i in range(0, n, chunk):
+        k = min(chunk, n - i)
+        x = pipe.get_init_latent(k, torch.Generator().manual_seed(seed + i))
+        model = guided(pipe, cfg, [(i + j) % len(pipe.class_names) for j in range(k)])
+        out.append(pipe.decode(sampler(model, x)).clamp(-1, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def run_model(args) -> None:
+    from quality import reference_sets
+
+    from kdiff_align.metrics import features, frechet_distance
+    from kdiff_align.models import toy
+    torch.manual_seed(0)
+    pipe, K = toy.load(args.model), _kdiffusion.load()
+    peers = {k: v for k, v in peer_solvers(K).items() if k in MODEL_PEERS}
+    half = len(pipe.class_names) // 2  # calibration on the first half of the classes, evaluation on the rest
+    x_cal, x_eval = pipe.get_init_latent(args.calib, torch.Generator().manual_seed(1)), \
+        pipe.get_init_latent(args.n, torch.Generator().manual_seed(2))
+    D_cal = guided(pipe, args.cfg, [c % half for c in range(args.calib)])
+    D_eval = guided(pipe, args.cfg, [half + c % half for c in range(args.n)])
+    clock = time.perf_counter()
+    ref = ka.odeint(D_eval, x_eval, pipe.sigmas(500), method="dpmpp_3m", disable=True)
+    print(f"== {args.model} cfg {args.cfg}: {args.n} items, 500-step reference ({time.perf_counter() - clock:.0f} s)")
+    grids, tuned_at, best_at = schedules(False, pipe.sigma_min, pipe.sigma_max), {}, {}
+    for b in args.budgets:
+        clock = time.perf_counter()
+        tuned = ka.tune_sampler(D_cal, x_cal, b, sigma_min=pipe.sigma_min, sigma_max=pipe.sigma_max,
+                                method=("unipc", "deis", "dpmpp_2m"), candidates=24, max_evals=args.max_evals)
+        seconds = time.perf_counter() - clock
+        mine = scores(tuned(D_eval, x_eval, disable=True), ref)["median"]
+        best = min((scores(f(D_eval, x_eval, g(steps).to(x_eval.dtype)), ref)["median"], f"{label}/{sched}", label, sched)
+                   for label, f in peers.items() for steps in [steps_for(f, D_eval, x_eval, b)] if steps
+                   for sched, g in grids.items())
+        tuned_at[b], best_at[b] = tuned, best
+        print(f"  NFE {b:2d}: tuned {tuned.method} median {mine:.4g} | best peer {best[0]:.4g} ({best[1]}) | "
+              f"ratio {mine / best[0]:.3f} | tuning {tuned.tuning_nfe} NFE x {args.calib} rows, {seconds:.0f} s")
+    if args.fd:
+        x_test, _, _, _ = reference_sets("fashion", "auto")
+        f_test = features(pipe.classifier, x_test)
+        label, sched = best_at[10][2], best_at[10][3]
+        steps = steps_for(peers[label], D_eval, x_eval, 10)
+        peer = lambda m, x: peers[label](m, x, grids[sched](steps).to(x.dtype))  # noqa: E731
+        fd_tuned = frechet_distance(features(pipe.classifier, sample_in_chunks(
+            lambda m, x: tuned_at[args.fd_nfe](m, x, disable=True), pipe, args.cfg, args.fd, 10)), f_test)
+        fd_peer = frechet_distance(features(pipe.classifier, sample_in_chunks(peer, pipe, args.cfg, args.fd, 10)),
+                                   f_test)
+        print(f"  FD of {args.fd} samples: tuned at {args.fd_nfe} NFE {fd_tuned:.3f} | best peer at 10 NFE "
+              f"({label}/{sched}) {fd_peer:.3f} | ratio {fd_tuned / fd_peer:.3f} (target <= 1)")
+
+
+def run_flow(args) -> None:
+    """Our multistep solvers at their default settings against k-diffusion's LMS on SD3-shift grids."""
+    K = _kdiffusion.load()
+    if K is None:
+        raise SystemExit("k-diffusion could not be loaded: this comparison needs its sample_lms")
+    sigma_min, sigma_max = FLOW_RANGE
+    print(f"== median error / k-diffusion LMS's, SD3-shift flow grids (shift {FLOW_SHIFT}), {args.n} items")
+    for name, law in laws().items():
+        model = as_flow(law)
+        dim = law.mean.shape[0] if isinstance(law, GaussianDenoiser) else law.means.shape[1]
+        x = torch.randn(args.n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * sigma_max
+        ref = ka.odeint(model, x, ka.get_sigmas_karras(2000, sigma_min, sigma_max).double(), disable=True)
+        for n in args.budgets:
+            s = ka.schedules.get_sigmas_flow(n, shift=FLOW_SHIFT).double()
+            lms = scores(K.sample_lms(model, x, s, disable=True), ref)["median"]
+            ratios = {m: scores(ka.odeint(model, x, s, method=m, disable=True), ref)["median"] / lms
+                      for m in ka.sampling.MULTISTEP_METHODS}
+            print(f"{name:8s} NFE {n:2d} " + " ".join(f"{m} {r:.2f}" for m, r in ratios.items()))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("closed", "model", "flow"))
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="NFE budgets (closed: 5 6 8 10)")
+    parser.add_argument("--n", type=int, default=None, help="evaluation items (closed: 512, model: 32)")
+    parser.add_argument("--calib", type=int, default=None, help="calibration noises (closed: 128, model: 32)")
+    parser.add_argument("--model", default="fashion", choices=("fashion", "fashion_latent"))
+    parser.add_argument("--cfg", type=float, default=0.0, help="CFG weight (0: unconditional)")
+    parser.add_argument("--max-evals", type=int, default=30, help="model: refinement sampler runs")
+    parser.add_argument("--fd", type=int, default=1000, help="model: samples for the Fréchet distance (0: skip)")
+    parser.add_argument("--fd-nfe", type=int, default=6)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = args.part == "model"
+    args.budgets = args.budgets or ([6, 10] if model else [15, 20, 30, 40] if args.part == "flow" else [5, 6, 8, 10])
+    args.n, args.calib = args.n or (32 if model else 512), args.calib or (32 if model else 128)
+    {"closed": run_closed, "model": run_model, "flow": run_flow}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Tuned few-step samplers (issue 25): grid validity, exact NFE, JSON round trip, closed-form optima."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kdiff_align as ka
+from kdiff_align.sampling import TunedSampler, tune_sampler
+from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
+
+from kdiff_align.strategies import gaussian_problems
+
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def noises(n, dim, seed):
+    return torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * SIGMA_MAX
+
+
+def gaussian(dim=8):
+    return GaussianDenoiser(torch.zeros(dim), torch.linspace(0.2, 2.0, dim)).double()
+
+
+def mixture(dim=4):
+    means = torch.stack([torch.full((dim,), -2.0), torch.full((dim,), 2.0)])
+    return MixtureDenoiser(means, torch.tensor([0.3, 0.5]), torch.tensor([0.5, 0.5])).double()
+
+
+def median_error(x, ref):
+    return (x - ref).flatten(1).norm(dim=1).median().item()
+
+
+def test_grid_is_valid_and_sampling_costs_exactly_nfe():
+    model = gaussian(4)
+    tuned = tune_sampler(model, noises(16, 4, 0), 5, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=24)
+    s = tuned.sigmas
+    assert tuned.nfe == 5 and len(s) == 6 and s[-1] == 0 and (s[1:] < s[:-1]).all()
+    assert s[0].item() == pytest.approx(SIGMA_MAX, rel=1e-12) and s[-2] >= SIGMA_MIN
+    counted = CountingDenoiser(model)
+    tuned(counted, noises(3, 4, 1), disable=True)
+    assert counted.calls == 5 and counted.rows == 15
+    # tuning cost is counted: the teacher's (24 − 1)·4 + 1 evaluations and at least one run per start
+    assert tuned.tuning_nfe >= tuned.info["teacher_nfe"] + 5 * 3 == 93 + 15
+
+
+def test_save_load_round_trip_gives_bit_identical_samples(tmp_path):
+    model = mixture(2)
+    tuned = tune_sampler(model, noises(16, 2, 0), 4, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=16,
+                         max_evals=20)
+    tuned.save(tmp_path / "tuned.json")
+    loaded = TunedSampler.load(tmp_path / "tuned.json")
+    assert loaded.method == tuned.method and loaded.nfe == 4 and loaded.tuning_nfe == tuned.tuning_nfe
+    assert torch.equal(loaded.sigmas, tuned.sigmas)
+    x = noises(8, 2, 5)
+    assert torch.equal(loaded(model, x, disable=True), tuned(model, x, disable=True))
+    assert "pickle" not in (tmp_path / "tuned.json").read_text()
+    (tmp_path / "bad.json").write_text('{"sigmas": [1.0, 0.0]}')
+    with pytest.raises(ValueError, match="not a TunedSampler"):
+        TunedSampler.load(tmp_path / "bad.json")
+
+
+def two_step_error(model, x_T, sigma_1):
+    """Mean log final error of the 2-evaluation DDIM grid [σ_max, σ_1, 0], in closed form for a Gaussian."""
+    x_1 = (sigma_1 / SIGMA_MAX) * x_T + (1 - sigma_1 / SIGMA_MAX) * model(x_T, torch.full((len(x_T),), SIGMA_MAX))
+    out = model(x_1, torch.full((len(x_T),), sigma_1))
+    return (out - model.flow(x_T, SIGMA_MAX, 0.0)).norm(dim=1).log().mean().item()  # tune_sampler's objective
+
+
+def test_two_step_grid_recovers_the_brute_force_optimum():
+    model, x_T = gaussian(8), noises(32, 8, 0)
+    grid = np.exp(np.linspace(math.log(SIGMA_MIN), math.log(SIGMA_MAX), 4001))[1:-1]
+    errors = [two_step_error(model, x_T, s) for s in grid]
+    best = grid[int(np.argmin(errors))]
+    tuned = tune_sampler(model, x_T, 2, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, method="dpmpp_2m")
+    sigma_1 = tuned.sigmas[1].item()
+    # the brute-force grid steps 0.0027 in log σ; the teacher's own error (DPM-Solver++ 3M, 157 steps) is
+    # ~1e-5 relative, so the tuned σ_1 lands within a few grid steps and its mean log error within 1e-3
+    assert abs(math.log(sigma_1 / best)) < 0.02, (sigma_1, best)
+    assert two_step_error(model, x_T, sigma_1) <= min(errors) + 1e-3
+
+
+def test_tuned_beats_karras_on_a_gaussian_and_default_on_held_out_mixture_noises():
+    for model, nfe, bound in ((gaussian(8), 6, 0.5), (mixture(4), 6, 0.5)):
+        tuned = tune_sampler(model, noises(64, tuned_dim(model), 0), nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+        x = noises(256, tuned_dim(model), 1)  # held-out noises
+        ref = ka.odeint(model, x, ka.get_sigmas_exponential(1000, SIGMA_MIN, SIGMA_MAX).double(), method="dpmpp_3m",
+                        disable=True)
+        karras = ka.get_sigmas_karras(nfe, SIGMA_MIN, SIGMA_MAX).double()
+        untuned = min(median_error(ka.odeint(model, x, karras, method=m, disable=True), ref)
+                      for m in ("dpmpp_2m", "unipc", "deis", "ipndm"))
+        heun = median_error(ka.odeint(model, x, ka.get_sigmas_karras(nfe // 2, SIGMA_MIN, SIGMA_MAX).double(),
+                                      disable=True), ref)
+        # measured 0.11 (Gaussian) and 0.05 (mixture) of the best solver on Karras ρ = 7: the issue's
+        # 0.5× target leaves room for the noise of 256 held-out items
+        assert median_error(tuned(model, x, disable=True), ref) < bound * min(untuned, heun)
+
+
+def tuned_dim(model):
+    return model.means.shape[1] if hasattr(model, "means") else model.mean.shape[0]
+
+
+@settings(max_examples=8)
+@given(nfe=st.integers(1, 7), problem=gaussian_problems(max_dim=3))
+def test_tuned_grid_properties(nfe, problem):
+    mean, std, _, seed = problem
+    model = GaussianDenoiser(mean, std).double()
+    x_T = noises(8, len(mean), seed)
+    tuned = tune_sampler(model, x_T, nfe, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=12, max_evals=12)
+    s = tuned.sigmas
+    assert len(s) == nfe + 1 and s[-1] == 0 and (s[1:] < s[:-1]).all() and s[-2] >= SIGMA_MIN * (1 - 1e-9)
+    counted = CountingDenoiser(model)
+    out = tuned(counted, x_T, disable=True)
+    assert counted.calls == nfe
+    # never worse on the calibration noises (mean log error, the tuner's objective) than the best solver on
+    # the Karras grid it starts from (against the exact flow: the teacher's own error, ~1e-6 relative, is the slack)
+    exact = model.flow(x_T, SIGMA_MAX, 0.0)
+    karras = ka.get_sigmas_karras(nfe, SIGMA_MIN, SIGMA_MAX).double()
+    log_err = lambda x: (x - exact).norm(dim=1).clamp_min(1e-300).log().mean().item()  # noqa: E731
+    base = min(log_err(ka.odeint(model, x_T, karras, method=m, disable=True, lower_order_final=True))
+               for m in ka.sampling.TUNE_METHODS)
+    assert log_err(out) <= base + 1e-3
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(nfe=0), "nfe"),
+    (dict(nfe=2.5), "nfe"),
+    (dict(x_T=torch.randn(4)), "x_T"),
+    (dict(x_T=torch.randn(1, 3)), "x_T"),
+    (dict(x_T=torch.full((4, 3), float("nan"))), "x_T"),
+    (dict(method="heun"), "method"),
+    (dict(sigma_min=100.0), "sigma_min"),
+])
+def test_bad_input_fails_naming_the_argument(kw, match):
+    args = dict(model=gaussian(3).float(), x_T=torch.randn(4, 3) * 10, nfe=3) | kw
+    with pytest.raises(ValueError, match=match):
+        tune_sampler(args.pop("model"), args.pop("x_T"), args.pop("nfe"), **args)
+
+
+def test_a_model_returning_nan_fails_naming_the_model():
+    with pytest.raises(ValueError, match="model returned NaN"):
+        tune_sampler(lambda x, sigma: x * float("nan"), torch.randn(4, 3) * 10, 3, sigma_max=10.0)
+
+
+def test_pipeline_odeint_takes_a_tuned_sampler_for_a_guided_model():
+    from kdiff_align.models.mixture import mixture_pipeline
+    pipe = mixture_pipeline()
+    pipe.denoiser = CountingDenoiser(pipe.denoiser)
+    cond = {"prompts": ["dark", "light"], "cfgs": [2.0, 1.0]}  # multi-prompt CFG: one call per evaluation
+    x_T = pipe.get_init_latent(32, generator=torch.Generator().manual_seed(0))
+    tuned = tune_sampler(pipe.guided(cond), x_T, 4, sigma_min=pipe.sigma_min, sigma_max=pipe.sigma_max,
+                         candidates=20)
+    x = pipe.get_init_latent(64, generator=torch.Generator().manual_seed(1))
+    pipe.denoiser.calls = 0
+    out = pipe.odeint(x, cond, sampler=tuned, disable=True)
+    assert pipe.denoiser.calls == 4
+    assert torch.equal(out, tuned(pipe.guided(cond), x, disable=True))
+    ref = pipe.odeint(x, cond, 400, method="dpmpp_3m", disable=True)
+    karras = pipe.odeint(x, cond, 4, method="dpmpp_2m", disable=True)
+    assert median_error(out, ref) < 0.5 * median_error(karras, ref)
+    with pytest.raises(ValueError, match="sampler="):
+        pipe.odeint(x, cond, 4, sampler=tuned)
+
+
+def test_extra_args_reach_the_model():
+    base = GaussianDenoiser(torch.zeros(3), 0.5).double()
+
+    def model(x, sigma, offset):
+        return base(x - offset, sigma) + offset
+
+    offset = torch.full((16, 3), 2.0, dtype=torch.float64)
+    tuned = tune_sampler(model, noises(16, 3, 0), 3, extra_args={"offset": offset}, sigma_min=SIGMA_MIN,
+                         sigma_max=SIGMA_MAX, candidates=12, max_evals=10)
+    out = tuned(model, noises(16, 3, 1), extra_args={"offset": offset}, disable=True)
+    assert out.mean().item() == pytest.approx(2.0, abs=0.3)
+
+
+def test_odeint_with_a_tuned_method_runs_its_grid_and_its_tail():
+    model = gaussian(4)
+    tuned = tune_sampler(model, noises(16, 4, 0), 5, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=16,
+                         max_evals=8)
+    x, full = noises(8, 4, 1), ka.get_sigmas_karras(30, SIGMA_MIN, SIGMA_MAX).double()
+    assert torch.equal(tuned.along(full), tuned.sigmas)
+    assert torch.equal(ka.odeint(model, x, full, method=tuned, disable=True), tuned(model, x, disable=True))
+    # a look-ahead from σ = 3 runs the tuned σ values below 3, then the step to 0
+    tail = tuned.along(torch.tensor([3.0, 0.0], dtype=torch.float64))
+    assert tail[0] == 3.0 and tail[-1] == 0 and torch.equal(tail[1:], tuned.sigmas[tuned.sigmas < 3.0 * (1 - 1e-4)])
+    counted = CountingDenoiser(model)
+    ka.odeint(counted, x, torch.tensor([3.0, 0.0]), method=tuned, disable=True)
+    assert counted.calls == len(tail) - 1
+
+
+def test_demon_and_search_take_a_tuned_sampler():
+    from kdiff_align.align.demon import sample_demon
+    from kdiff_align.align.search import random_search
+    model = mixture(2)
+    tuned = tune_sampler(model, noises(16, 2, 0), 4, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, candidates=16,
+                         max_evals=8)
+    reward = lambda x0: -(x0 - 2.0).pow(2).sum(1)  # noqa: E731  (prefer the mode at +2)
+    n = torch.randn(4, 6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    counted = CountingDenoiser(model)
+    x0, _, best = random_search(lambda z: tuned(counted, z * SIGMA_MAX, disable=True), reward, n)
+    assert counted.calls == tuned.nfe and counted.rows == 24 * tuned.nfe  # N·B candidates, one batch
+    assert torch.equal(best, reward(tuned(model, n.flatten(0, 1) * SIGMA_MAX, disable=True)).view(4, 6).max(0).values)
+    sigmas = ka.get_sigmas_karras(6, SIGMA_MIN, SIGMA_MAX).double()
+    x = noises(3, 2, 4)
+    demon = lambda ode_after: sample_demon(model, x, sigmas, reward, K=4, beta=0.01, ode_after=ode_after,  # noqa
+                                           method=tuned, r_of_c="baseline", generator=torch.Generator().manual_seed(0),
+                                           disable=True)
+    assert torch.equal(demon(100.0), tuned(model, x, disable=True))  # no Demon step: the tuned ODE tail alone
+    out = demon(1.0)  # Demon steps above σ = 1 (baseline look-aheads on the tuned grid), then the tuned tail
+    assert out.shape == (3, 2) and torch.isfinite(out).all()
+
+
+def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys):
+    import json
+
+    from kdiff_align.apps import cli
+    out = tmp_path / "tuned.json"
+    assert cli.main(["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(out), "--prompt", "dark",
+                     "--cfg", "1.5", "--calib", "8", "--max-evals", "6", "--no-progress"]) == 0
+    tuned = TunedSampler.load(out)
+    assert tuned.nfe == 3 and tuned.info["cfg"] == 1.5 and tuned.tuning_nfe > 0
+    gen = tmp_path / "gen"
+    assert cli.main(["generate", "--model", "toy:mixture", "--prompt", "dark", "--seeds", "0-1", "--cfg", "1.5",
+                     "--method", "best_of_n", "--n", "3", "--reward", "brightness", "--sampler", str(out),
+                     "--out", str(gen), "--no-progress"]) == 0
+    images = [json.loads(line) for line in (gen / "steps.jsonl").read_text().splitlines()
+              if json.loads(line).get("kind") == "image"]
+    assert [r["nfe_forward"] for r in images] == [3 * 3, 3 * 3]  # n candidates × the tuned sampler's NFE
+    assert cli.main(["demon", "--model", "toy:mixture", "--prompt", "dark", "--reward", "brightness", "--cfg", "1.5",
+                     "--sampler", str(out), "--steps", "6", "--K", "2", "--out", str(tmp_path / "demon"),
+                     "--no-progress"]) == 0
+    config = json.loads(next((tmp_path / "demon").glob("*/config.json")).read_text())
+    assert config["method"]["sigmas"] == tuned.sigmas.tolist()
+    capsys.readouterr()
+    for argv, words in ((["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(tmp_path / "t.txt")], "--out"),
+                        (["tune", "--model", "toy:mixture", "--nfe", "0", "--out", str(out)], "--nfe"),
+                        (["generate", "--model", "toy:mixture", "--prompt", "dark", "--out", str(tmp_path / "g2"),
+                          "--sampler", str(tmp_path / "missing.json")], "--sampler")):
+        try:
+            status = cli.main(argv)
+        except SystemExit as exit_info:
+            status = exit_info.code
+        err = capsys.readouterr().err
+        assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "t.txt").exists() and not (tmp_path / "g2").exists()
+
+
+def test_newton_outer_sampler_runs_a_tuned_grid():
+    from kdiff_align.align.newton import sample_constrained
+    model = gaussian(4)
+    tuned = tune_sampler(model, noises(16, 4, 0), 5, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, method="deis",
+                         candidates=16, max_evals=8)
+    mask = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    x, residual = noises(4, 4, 1), lambda x0: (x0 - 1.0) * mask  # constrain the first coordinate to 1
+    run = lambda n_iter: sample_constrained(model, x, tuned.sigmas, residual, sampler=tuned.method,  # noqa: E731
+                                            window=(0.1, 5.0), n_iter=n_iter, disable=True, return_info=True)
+    plain, info = run(0)  # no constraint step: the tuned sampler itself, same calls
+    assert torch.equal(plain, tuned(model, x, disable=True)) and info["nfe"] == tuned.nfe
+    constrained, _ = run(5)
+    assert (constrained[:, 0] - 1.0).abs().mean() < (plain[:, 0] - 1.0).abs().mean()
