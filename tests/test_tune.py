@@ -206,7 +206,7 @@ def test_demon_and_search_take_a_tuned_sampler():
     assert torch.equal(best, reward(tuned(model, n.flatten(0, 1) * SIGMA_MAX, disable=True)).view(4, 6).max(0).values)
     sigmas = ka.get_sigmas_karras(6, SIGMA_MIN, SIGMA_MAX).double()
     x = noises(3, 2, 4)
-    demon = lambda ode_after: sample_demon(model, x, sigmas, reward, K=4, beta=0.01, ode_after=ode_after,  # noqa
+    demon = lambda ode_after: sample_demon(model, x, sigmas, reward, K=4, beta="auto", ode_after=ode_after,  # noqa
                                            method=tuned, r_of_c="baseline", generator=torch.Generator().manual_seed(0),
                                            disable=True)
     assert torch.equal(demon(100.0), tuned(model, x, disable=True))  # no Demon step: the tuned ODE tail alone
@@ -259,6 +259,6 @@ def test_newton_outer_sampler_runs_a_tuned_grid():
     run = lambda n_iter: sample_constrained(model, x, tuned.sigmas, residual, sampler=tuned.method,  # noqa: E731
                                             window=(0.1, 5.0), n_iter=n_iter, disable=True, return_info=True)
     plain, info = run(0)  # no constraint step: the tuned sampler itself, same calls
-    assert torch.equal(plain, tuned(model, x, disable=True)) and info["nfe"] == tuned.nfe
+    assert torch.equal(plain, tuned(model, x, disable=True)) and info["nfe"]["total"] == tuned.nfe
     constrained, _ = run(5)
     assert (constrained[:, 0] - 1.0).abs().mean() < (plain[:, 0] - 1.0).abs().mean()
