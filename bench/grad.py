@@ -59,6 +59,17 @@ def main(argv=None) -> None:
             print(f"| {n} | {mode} | {r['peak'] / 1e6:.2f} | {r['peak'] / full['peak']:.3f} | "
                   f"{r['peak'] / results[mode, args.steps[0]]['peak']:.3f} | {r['seconds']:.2f} | "
                   f"{r['seconds'] / full['seconds']:.2f} | {r['rows']} |")
+    first, last = args.steps[0], args.steps[-1]
+    print(f"== grad: peak memory and time against 'full' (batch {args.batch}, {args.method})")
+    for mode in MODES:
+        target = " (target ≤ 1.2)" if mode != "full" else ""
+        print(f"{mode} peak at {last} steps / at {first} steps: "
+              f"{results[mode, last]['peak'] / results[mode, first]['peak']:.3f}{target}")
+    for mode in MODES[1:]:
+        print(f"{mode} peak / full peak at {last} steps: "
+              f"{results[mode, last]['peak'] / results['full', last]['peak']:.3f}")
+        print(f"{mode} time / full time at {last} steps: "
+              f"{results[mode, last]['seconds'] / results['full', last]['seconds']:.2f}")
 
 
 if __name__ == "__main__":
