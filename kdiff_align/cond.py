@@ -6,6 +6,7 @@ D = D_u + Σ_i w_i·(D_i − D_u) (Ho & Salimans 2022; composed prompts as in Li
 """
 from __future__ import annotations
 
+import math
 from numbers import Real
 from typing import Callable, Sequence
 
@@ -37,6 +38,8 @@ def parse_condition(condition: Condition, batch_size: int | None = None) -> list
             raise ValueError(f"condition['prompts'] must be a non-empty list of strings, got {prompts!r}")
         if isinstance(cfgs, Real) or not all(isinstance(w, Real) for w in cfgs):
             raise ValueError(f"condition['cfgs'] must be a list of numbers, got {cfgs!r}")
+        if not all(math.isfinite(w) for w in cfgs):
+            raise ValueError(f"condition['cfgs'] must be finite guidance weights, got {cfgs!r}")
         if len(prompts) != len(cfgs):
             raise ValueError(f"condition has {len(prompts)} prompts but {len(cfgs)} cfgs; give one weight per prompt")
         parsed.append((list(prompts), [float(w) for w in cfgs]))
@@ -118,13 +121,16 @@ def cfg_denoiser(model, conds: Sequence[dict], uncond: dict, weights, *, max_bat
     weights = torch.as_tensor(weights, dtype=torch.float32)
     if weights.shape[-1:] != (len(conds),) or weights.ndim not in (1, 2):
         raise ValueError(f"weights must be {len(conds)} floats or a [B, {len(conds)}] tensor, got shape {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all():
+        raise ValueError(f"weights must be finite guidance weights, got {weights.tolist()}")
 
     cache = {}  # batch size -> (concatenated kwargs, weights shaped for broadcasting), when no extra_args
 
     def prepare(x: Tensor, extra_args: dict):
         batch = x.shape[0]
         if weights.ndim == 2 and weights.shape[0] != batch:
-            raise ValueError(f"weights has {weights.shape[0]} rows but x has batch {batch}")
+            raise ValueError(f"weights has {weights.shape[0]} rows (one per condition, i.e. per batch item) but x has "
+                             f"batch {batch}: give one condition per batch item, or one for the whole batch")
         kwargs = cat_kwargs([{**extra_args, **branch} for branch in [uncond, *conds]], batch)
         w = weights.to(x.device, x.dtype)
         return kwargs, append_dims(w.T if w.ndim == 2 else w[:, None].expand(-1, batch), x.ndim + 1)
@@ -147,16 +153,17 @@ def cfg_denoiser(model, conds: Sequence[dict], uncond: dict, weights, *, max_bat
 
 
 def condition_denoiser(model, condition: Condition, encode: Callable[[list[str]], dict], *,
-                       max_batch: int | None = None) -> Callable:
+                       max_batch: int | None = None, batch_size: int | None = None) -> Callable:
     """Guided denoiser for a ``{"prompts", "cfgs"}`` condition (or one per item) in one call per step.
 
     Args:
         encode: maps a list of prompts to a dict of conditioning tensors with one row per prompt;
             the empty prompt ``""`` must give the unconditional embedding.
+        batch_size: if given, a list of conditions must hold 1 or ``batch_size`` dicts (checked here).
 
     Items with fewer prompts than others are padded with the unconditional prompt at weight 0.
     """
-    parsed = parse_condition(condition)
+    parsed = parse_condition(condition, batch_size)
     n_prompts = max(len(prompts) for prompts, _ in parsed)
     padded = [(prompts + [""] * (n_prompts - len(prompts)), cfgs + [0.0] * (n_prompts - len(cfgs)))
               for prompts, cfgs in parsed]

@@ -146,6 +146,17 @@ def check_sigmas(sigmas: Tensor, *, decreasing: bool, name: str = "sigmas", end_
     return sigmas
 
 
+def check_input(x: Tensor, name: str = "x") -> Tensor:
+    """Fail early unless ``x`` is a finite floating-point ``[B, ...]`` tensor (1-D: a batch of B scalars)."""
+    if isinstance(x, Tensor) and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it first, "
+                        f"e.g. {name}.float()")
+    check_finite(x, name)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have a batch dimension [B, ...], got a 0-d tensor")
+    return x
+
+
 def check_finite(x: Tensor, name: str = "x") -> Tensor:
     """Fail early on NaN or infinite input."""
     if not isinstance(x, Tensor):

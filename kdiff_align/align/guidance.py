@@ -32,6 +32,10 @@ class RewardGuidedDenoiser(torch.nn.Module):
                 raise TypeError("reward guidance needs a differentiable reward(x0) -> Tensor[B]; got "
                                 f"{type(r).__name__} {tuple(getattr(r, 'shape', ()))}, requires_grad="
                                 f"{getattr(r, 'requires_grad', False)}")
+            if not torch.isfinite(r).all():
+                bad = int((~torch.isfinite(r)).sum())
+                raise ValueError(f"reward returned {bad} NaN or infinite values of {len(r)} at sigma="
+                                 f"{float(sigma.max()):.4g}; reward guidance needs a finite reward(x0)")
             (grad,) = torch.autograd.grad(r.sum(), x_in)
         self.backward_rows += x.shape[0]
         return denoised.detach() + self.scale * append_dims(sigma.to(x) ** 2, x.ndim) * grad.detach()

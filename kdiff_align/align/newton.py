@@ -13,6 +13,7 @@ A ``residual`` is any callable ``residual(x0_hat) -> e`` of the same shape; ``li
 """
 from __future__ import annotations
 
+from numbers import Real
 from typing import Callable, Sequence
 
 import torch
@@ -153,19 +154,33 @@ def jacobian(model, x: Tensor, sigma, *, extra_args: dict | None = None) -> Tens
 # Measurement operators and losses
 
 
+def broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return torch.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 class Mask:
-    """A x = m ⊙ x for a mask (1 on known entries) broadcastable to x; self-adjoint, Aᵀ = A."""
+    """A x = m ⊙ x for a mask with values in [0, 1] (1 on known entries) broadcastable to x; self-adjoint."""
 
     def __init__(self, mask: Tensor):
         if not isinstance(mask, Tensor):
             raise TypeError(f"mask must be a tensor, got {type(mask).__name__}")
+        if not ((mask >= 0) & (mask <= 1)).all():
+            raise ValueError(f"mask values must lie in [0, 1] (1 on known entries), got values from "
+                             f"{mask.min().item()} to {mask.max().item()}")
         self.mask = mask
 
     def __call__(self, x: Tensor) -> Tensor:
+        if not broadcasts_to(self.mask.shape, x.shape):
+            raise ValueError(f"mask of shape {tuple(self.mask.shape)} does not broadcast to x of shape "
+                             f"{tuple(x.shape)}; give a mask of x's shape, or with 1 on axes to share")
         return self.mask.to(x) * x
 
     def T(self, y: Tensor) -> Tensor:
-        return self.mask.to(y) * y
+        return self(y)
 
 
 class Downsample:
@@ -232,10 +247,16 @@ class LinearResidual:
     """e = Aᵀ(y − A x̂₀), with ``measurement(x̂₀) = y − A x̂₀`` (DPS normalises its step by ‖y − A x̂₀‖)."""
 
     def __init__(self, op, y: Tensor):
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a tensor (the measurement), got {type(y).__name__}")
         self.op, self.y = op, y
 
     def measurement(self, x0: Tensor) -> Tensor:
-        return self.y.to(x0) - self.op(x0)
+        a_x0 = self.op(x0)
+        if not broadcasts_to(self.y.shape, a_x0.shape):
+            raise ValueError(f"y of shape {tuple(self.y.shape)} does not match A x̂₀ of shape {tuple(a_x0.shape)}: "
+                             f"y's batch must be 1 or the batch of x ({x0.shape[0]}), its other axes A x̂₀'s")
+        return self.y.to(x0) - a_x0
 
     def __call__(self, x0: Tensor) -> Tensor:
         return self.op.T(self.measurement(x0))
@@ -284,10 +305,20 @@ def vae_residual(op, y: Tensor, decode: Callable, encode: Callable, *, mode: str
 # The Newton step and the constrained sampler
 
 
+def check_lr(lr) -> None:
+    """Fail early unless ``lr`` is a number, a ``(start, end)`` tuple, a list of numbers or a callable."""
+    number = lambda v: isinstance(v, Real) and not isinstance(v, bool)  # noqa: E731
+    if callable(lr) or number(lr) or (isinstance(lr, (tuple, list)) and all(number(v) for v in lr)):
+        return
+    raise TypeError(f"lr must be a number, a (start, end) tuple, a list of n_iter numbers or a callable "
+                    f"lr(k, sigma), got {type(lr).__name__} {lr!r}")
+
+
 def lr_schedule(lr, n_iter: int, sigma: float | None = None) -> list[float]:
     """Per-iteration λ_k: a number (constant), a tuple ``(start, end)`` (linspace over ``n_iter``: the
     reference's ``np.linspace(0.5, 0.1, 5)`` is ``(0.5, 0.1)``), a list of ``n_iter`` values, or
     ``lr(k, sigma)``."""
+    check_lr(lr)
     if callable(lr):
         return [float(lr(k, sigma)) for k in range(n_iter)]
     if isinstance(lr, tuple):
@@ -407,6 +438,23 @@ def in_window(window, sigma: float) -> bool:
     return lo <= sigma <= hi
 
 
+def check_window(window, sigmas: Tensor) -> None:
+    """Fail early unless ``window`` is None, a predicate or ``(sigma_lo, sigma_hi)`` with lo ≤ hi, and
+    selects at least one step σ_i (i < n) of ``sigmas``."""
+    if window is None:
+        return
+    if not callable(window):
+        if not (isinstance(window, (tuple, list)) and len(window) == 2
+                and all(isinstance(v, Real) and not isinstance(v, bool) for v in window)):
+            raise TypeError(f"window must be None, (sigma_lo, sigma_hi) or a callable sigma -> bool, got {window!r}")
+        if not window[0] <= window[1]:
+            raise ValueError(f"window=(sigma_lo, sigma_hi) needs sigma_lo <= sigma_hi, got {tuple(window)}")
+    steps = sigmas[:-1].tolist()
+    if not any(in_window(window, sigma) for sigma in steps):
+        raise ValueError(f"window={window!r} selects no step of sigmas (steps at σ = {steps[0]:.4g} down to "
+                         f"{steps[-1]:.4g}): the constraint would never act")
+
+
 def solver_step(model, x, sigma, sigma_next, denoised, sampler, eta, extra_args, generator, i=0):
     """One update from the (post-constraint) denoised, reusing the core step functions (``sampler`` is
     a name or a ``MultistepSolver`` over the grid)."""
@@ -451,13 +499,16 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
             η ≈ 0.16), ``"euler"``, ``"heun"`` or a multistep PF-ODE solver (``"dpmpp_2m"``,
             ``"dpmpp_3m"``, ``"deis"``, ``"lms"``, ``"ipndm"``; one evaluation per step, with the
             post-constraint x̂₀ as their history).
-        window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``.
+        window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``;
+            one that selects no step σ_i of the grid is rejected (``check_window``).
 
     Returns:
         x, or ``(x, info)`` with ``info["residual"]`` ``[B, steps]`` (RMS of e after each step's
         constraint, NaN outside the window) and ``info["nfe"]``.
     """
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
+    check_window(window, sigmas)
+    check_lr(lr)
     stepper = MultistepSolver(sampler, sigmas.tolist()) if sampler in MULTISTEP_SAMPLERS else sampler
     nfe, history = 0, []
     for i in trange(len(sigmas) - 1, disable=disable):

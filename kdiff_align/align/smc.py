@@ -22,7 +22,7 @@ from tqdm.auto import trange
 from ..cond import batched_call, broadcast_kwargs, slice_kwargs
 from ..rewards import check_rewards
 from ..sampling import sde_step
-from ..utils import append_dims, check_finite, check_sigmas, get_ancestral_step, nfe_summary
+from ..utils import append_dims, check_finite, check_generator, check_sigmas, get_ancestral_step, nfe_summary
 from .resampling import RESAMPLING, ess, normalize, resample, uniforms
 
 TEMPERING = ("exp", "linear", "none", "adaptive")
@@ -302,9 +302,10 @@ def _check_args(model, x, sigmas, reward, num_particles, alpha, tempering, propo
                       "drift has no effect; use eta > 0")
     if not 0 <= ess_threshold <= 1:
         raise ValueError(f"ess_threshold must be in [0, 1] (1 resamples at every potential step), got {ess_threshold}")
-    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != x.shape[0]:
+    if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
         raise ValueError(f"generator must be a torch.Generator or a list of one per group ({x.shape[0]}), "
                          f"got a list of {len(generator)}")
+    check_generator(generator, x.shape[0])
 
 
 def _lambdas(tempering, steps: int, reach, gamma, device) -> Tensor | None:

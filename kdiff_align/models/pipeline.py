@@ -16,6 +16,11 @@ from .. import image, sampling, schedules
 from ..cond import Condition, cat_kwargs, condition_denoiser, slice_kwargs
 
 
+def _batch(x) -> int | None:
+    """The batch size of a ``[B, ...]`` tensor (None otherwise: the integrator reports the bad x)."""
+    return x.shape[0] if isinstance(x, Tensor) and x.ndim else None
+
+
 class Pipeline:
     """The seed's API: ``get_init_latent``, ``odeint``, ``oderevert``, ``sdeint``, latent ↔ PIL.
 
@@ -54,9 +59,11 @@ class Pipeline:
                 self._prompt_cache[p] = slice_kwargs(table, slice(i, i + 1))
         return cat_kwargs([self._prompt_cache[p] for p in prompts], 1)
 
-    def guided(self, condition: Condition) -> Callable:
-        """The multi-prompt CFG denoiser of ``condition`` (one network call per evaluation)."""
-        return condition_denoiser(self.denoiser, condition, self.encode_cached, max_batch=self.max_batch)
+    def guided(self, condition: Condition, batch_size: int | None = None) -> Callable:
+        """The multi-prompt CFG denoiser of ``condition`` (one network call per evaluation); with
+        ``batch_size``, a list of conditions must hold 1 or ``batch_size`` dicts."""
+        return condition_denoiser(self.denoiser, condition, self.encode_cached, max_batch=self.max_batch,
+                                  batch_size=batch_size)
 
     def sigmas(self, steps: int, start_t: float | None = None, end_t: float | None = None) -> Tensor:
         """Karras grid of ``steps`` steps from ``start_t`` (default σ_max) to ``end_t`` (σ_min), then 0."""
@@ -71,18 +78,18 @@ class Pipeline:
     def odeint(self, x: Tensor, condition: Condition, steps: int, start_t: float | None = None, **kwargs) -> Tensor:
         """Sample x from σ = ``start_t`` to 0 along the PF-ODE (Heun by default; ``method=`` picks any of
         ``sampling.METHODS``, e.g. ``"dpmpp_2m"`` or ``"unipc"`` at one UNet call per step)."""
-        return sampling.odeint(self.guided(condition), x, self.sigmas(steps, start_t), **kwargs)
+        return sampling.odeint(self.guided(condition, _batch(x)), x, self.sigmas(steps, start_t), **kwargs)
 
     def oderevert(self, x: Tensor, condition: Condition, start_t: float | None = None, steps: int = 100,
                   **kwargs) -> Tensor:
         """Invert a clean latent up to σ = ``start_t`` (default σ_max) along the PF-ODE."""
         sigmas = schedules.revert_sigmas(self.sigmas(steps, start_t))
-        return sampling.oderevert(self.guided(condition), x, sigmas, **kwargs)
+        return sampling.oderevert(self.guided(condition, _batch(x)), x, sigmas, **kwargs)
 
     def sdeint(self, x: Tensor, condition: Condition, beta, steps: int, start_t: float | None = None,
                **kwargs) -> Tensor:
         """Sample along the Karras β-SDE from σ = ``start_t`` (SDEdit when x comes from ``oderevert``)."""
-        return sampling.sdeint(self.guided(condition), x, self.sigmas(steps, start_t), beta=beta, **kwargs)
+        return sampling.sdeint(self.guided(condition, _batch(x)), x, self.sigmas(steps, start_t), beta=beta, **kwargs)
 
     def from_latent_to_pil(self, x: Tensor) -> list[Image.Image]:
         """Decode latents to a list of PIL images."""

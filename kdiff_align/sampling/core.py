@@ -7,8 +7,10 @@ and accept a precomputed ``denoised`` so alignment code can reuse the first netw
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
+from numbers import Real
 from typing import Callable
 
 import torch
@@ -16,11 +18,11 @@ import torchdiffeq
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..utils import (Generator, append_dims, as_sigma, check_finite, check_sigmas, get_ancestral_step,
-                    randn_like, to_d)
-from .grad import check_grad, grad_context, grad_inputs, fixed_noise, run_steps
+from ..utils import (Generator, append_dims, as_sigma, check_generator, check_sigmas, check_input,
+                    get_ancestral_step, randn_like, to_d)
+from .grad import check_grad, fixed_noise, grad_context, grad_inputs, run_steps
 from .multistep import MULTISTEP_METHODS, multistep_odeint
-from .sde import SDE_METHODS, default_sde_noise, sde_solve
+from .sde import SDE_METHODS, sde_run
 
 FIXED_METHODS = ("euler", "heun", "dpm2", "rk4")
 ADAPTIVE_METHODS = {"dopri5": "dopri5", "bosh3": "bosh3", "adaptive_heun": "adaptive_heun"}
@@ -83,14 +85,38 @@ def ode_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = N
     return x + (d + 2 * k_2 + 2 * k_3 + k_4) / 6 * h, denoised
 
 
+def _is_number(v) -> bool:
+    """A real number or a 0-d tensor, not a bool or a string."""
+    return not isinstance(v, bool) and (isinstance(v, Real) or (isinstance(v, Tensor) and v.ndim == 0))
+
+
+def check_beta(beta) -> None:
+    """Fail early unless ``beta`` is None, a finite number >= 0, ``"anderson"`` or a callable β(σ)."""
+    if beta is None or callable(beta) or (isinstance(beta, str) and beta == "anderson"):
+        return
+    if not _is_number(beta):
+        raise TypeError(f"beta must be a number >= 0, 'anderson' or a callable beta(sigma), got {beta!r}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be >= 0 and finite, got {beta}")
+
+
+def _check_sde_args(eta, beta, generator, batch: int) -> None:
+    """``sdeint``'s noise arguments: ``eta`` a number >= 0, ``beta`` (``check_beta``), ``generator``."""
+    if not _is_number(eta):
+        raise TypeError(f"eta must be a number >= 0, got {eta!r}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    check_beta(beta)
+    check_generator(generator, batch)
+
+
 def _beta_at(beta, sigma: Tensor) -> Tensor:
     """β(σ) of the Karras SDE: a number, ``"anderson"`` (β = 1/σ) or a callable of σ."""
-    if beta == "anderson":
+    if isinstance(beta, str) and beta == "anderson":
         return 1 / sigma
     if callable(beta):
         return torch.as_tensor(beta(sigma), dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
-    if float(beta) < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    check_beta(beta)
     return torch.full_like(sigma, float(beta))
 
 
@@ -206,12 +232,22 @@ def _fixed_grid(model, x, sigmas, method, extra_args, callback, disable, grad, g
                      model=model, extra_args=extra_args)
 
 
+def _shape_checked(model) -> Callable:
+    """``model`` failing on a x̂₀ whose shape is not x's (the state would change shape by broadcasting)."""
+    def denoiser(x: Tensor, sigma: Tensor, **extra_args) -> Tensor:
+        denoised = model(x, sigma, **extra_args)
+        if getattr(denoised, "shape", None) != x.shape:
+            raise ValueError(f"model returned x̂₀ of shape {tuple(getattr(denoised, 'shape', ()))} for x of shape "
+                             f"{tuple(x.shape)}; a denoiser must return x's shape (a 1-D x is a batch of scalars)")
+        return denoised
+    denoiser.__wrapped__ = model  # the adjoint's parameters are the wrapped model's (``grad.grad_inputs``)
+    return denoiser
+
+
 def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool, end_zero: bool = True) -> dict:
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
-    check_finite(x, "x")
-    if x.ndim < 1:
-        raise ValueError("x must have a batch dimension")
+    check_input(x, "x")
     check_sigmas(sigmas, decreasing=decreasing, end_zero=end_zero)
     if method is not None:
         check_method(method)
@@ -240,6 +276,7 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
             ``lower_order_final``.
     """
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True, end_zero=False)
+    model = _shape_checked(model)
     check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)
     if solver_kw and method not in MULTISTEP_METHODS:
         raise TypeError(f"{', '.join(solver_kw)} only apply to the multistep methods, not {method!r}")
@@ -273,6 +310,7 @@ def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = Non
     ``grad_last`` as in ``odeint``.
     """
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
+    model = _shape_checked(model)
     check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)
     with grad_context(grad):
         if method in MULTISTEP_METHODS:
@@ -314,7 +352,8 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
         noise_sampler: ``noise_sampler(sigma, sigma_next) -> noise like x``; overrides ``generator``.
         generator: a ``torch.Generator`` or a list of one per batch item, which makes each item's
             sample independent of the batch it is in. For the DPM-Solver++ SDEs it seeds a Brownian
-            tree (one per item for a list), so refining the grid converges to one sample path.
+            tree over every σ (one per item for a list), so refining the grid converges to one sample
+            path and a split grid with one generator gives the whole grid's path (``sde.sde_run``).
         beta: see ``sde_step``; when given, ``eta`` is ignored. The Heun β-SDE stays accurate while
             β·|Δσ| is of order 1; far larger steps over-contract and collapse modes (a warning says so).
         method: ``"ancestral"`` (Euler ancestral / β-SDE), ``"dpm2_ancestral"``,
@@ -329,18 +368,17 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     A grid ending above 0 returns the noisy state there (a split grid).
     """
     extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True, end_zero=False)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    model = _shape_checked(model)
+    _check_sde_args(eta, beta, generator, x.shape[0])
     check_method(method, SDE_METHODS)
     check_grad(grad, grad_last)
     if method != "ancestral":
         if beta is not None:
             raise ValueError(f"beta applies to method='ancestral' only, not {method!r}")
-        noise_sampler = noise_sampler or default_sde_noise(method, x, sigmas, generator)
         with grad_context(grad):
-            return sde_solve(model, x, sigmas, method, extra_args=extra_args, callback=callback, disable=disable,
-                             eta=eta, s_noise=s_noise, noise_sampler=noise_sampler, solver_type=solver_type, r=r,
-                             grad=grad, grad_last=grad_last)
+            return sde_run(model, x, sigmas, method, generator=generator, noise_sampler=noise_sampler, eta=eta,
+                           extra_args=extra_args, callback=callback, disable=disable, s_noise=s_noise,
+                           solver_type=solver_type, r=r, grad=grad, grad_last=grad_last)
     max_step = float((sigmas[:-2] - sigmas[1:-1]).max()) if len(sigmas) > 2 else 0.0
     if isinstance(beta, (int, float)) and beta * max_step > 4:
         warnings.warn(f"beta={beta} with steps of up to {max_step:.3g} in σ "

@@ -46,6 +46,8 @@ def grad_context(grad):
 def grad_inputs(model, extra_args: dict) -> list[Tensor]:
     """The tensors an adjoint differentiates besides x: the model's parameters and ``extra_args`` tensors
     that require grad (nested lists and dicts included)."""
+    while not isinstance(model, torch.nn.Module) and hasattr(model, "__wrapped__"):
+        model = model.__wrapped__
     found = [p for p in model.parameters() if p.requires_grad] if isinstance(model, torch.nn.Module) else []
     stack = list(extra_args.values())
     while stack:

@@ -15,7 +15,7 @@ import torch
 import torchsde
 from torch import Tensor
 
-from ..utils import Generator, as_sigma, randn_like
+from ..utils import Generator, as_sigma, check_generator, randn_like
 from .grad import fixed_noise, run_steps
 
 SDE_METHODS = ("ancestral", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -59,15 +59,28 @@ class BrownianTreeNoiseSampler:
         return (w if self.batched else w[0]) / abs(t1 - t0) ** 0.5
 
 
-def seeds_from(generator: Generator, batch: int) -> list[int] | int | None:
-    """Brownian-tree seeds drawn from ``generator``: one per item for a list of generators."""
-    if generator is None:
-        return None
-    if isinstance(generator, torch.Generator):
-        return int(torch.randint(0, 2**63 - 1, [], generator=generator))
-    if len(generator) != batch:
-        raise ValueError(f"generator is a list of {len(generator)} generators, expected one per batch item ({batch})")
-    return [int(torch.randint(0, 2**63 - 1, [], generator=g)) for g in generator]
+def tree_time(sigma: Tensor) -> Tensor:
+    """The time τ = atan(log σ) ∈ [−π/2, π/2] of the default Brownian tree: one range for every σ ≥ 0."""
+    return sigma.log().atan()
+
+
+def tree_seeds(generator: Generator, batch: int, *, draw: bool = False) -> int | list[int]:
+    """The Brownian-tree seed(s) of ``generator`` (None: the global RNG), one per item for a list.
+
+    A seed is the generator's next 63-bit draw, read from a copy of its state unless ``draw``, so
+    reading it leaves the generator unchanged and two calls from the same state get the same tree.
+    """
+    check_generator(generator, batch)
+    single = generator is None or isinstance(generator, torch.Generator)
+    gens = [torch.default_generator if generator is None else generator] if single else list(generator)
+    seeds = []
+    for g in gens:
+        if not draw:
+            copy = torch.Generator(g.device)
+            copy.set_state(g.get_state())
+            g = copy
+        seeds.append(int(torch.randint(0, 2**63 - 1, [], generator=g, device=g.device)))
+    return seeds[0] if single else seeds
 
 
 def _t(sigma: float) -> float:
@@ -91,7 +104,8 @@ def dpm2_ancestral_step(model, x, sigma, sigma_next, denoised, extra_args, eta, 
     sigma_mid = math.exp((math.log(sigma) + math.log(sigma_down)) / 2)
     x_2 = x + d * (sigma_mid - sigma)
     d_2 = (x_2 - model(x_2, as_sigma(sigma_mid, x), **extra_args)) / sigma_mid
-    return x + d_2 * (sigma_down - sigma) + noise() * s_noise * sigma_up
+    x = x + d_2 * (sigma_down - sigma)
+    return x + noise() * s_noise * sigma_up if sigma_up else x
 
 
 def dpmpp_2s_ancestral_step(model, x, sigma, sigma_next, denoised, extra_args, eta, s_noise, noise):
@@ -105,7 +119,7 @@ def dpmpp_2s_ancestral_step(model, x, sigma, sigma_next, denoised, extra_args, e
         x_2 = (sigma_s / sigma) * x - math.expm1(-h / 2) * denoised
         denoised_2 = model(x_2, as_sigma(sigma_s, x), **extra_args)
         x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_2
-    return x + noise() * s_noise * sigma_up if sigma_next > 0 else x
+    return x + noise() * s_noise * sigma_up if sigma_up else x
 
 
 def dpmpp_sde_step(model, x, sigma, sigma_next, denoised, extra_args, eta, s_noise, noise, r=0.5):
@@ -115,13 +129,14 @@ def dpmpp_sde_step(model, x, sigma, sigma_next, denoised, extra_args, eta, s_noi
     sigma_s = math.exp(-(t + h * r))
     sd, su = ancestral_split(sigma, sigma_s, eta)
     x_2 = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised  # (t − s_)·expm1, s_ = −log sd
-    x_2 = x_2 + noise(sigma, sigma_s) * s_noise * su
+    if su:
+        x_2 = x_2 + noise(sigma, sigma_s) * s_noise * su
     denoised_2 = model(x_2, as_sigma(sigma_s, x), **extra_args)
     sd, su = ancestral_split(sigma, sigma_next, eta)
     fac = 1 / (2 * r)
     denoised_d = (1 - fac) * denoised + fac * denoised_2
     x = (sd / sigma) * x - math.expm1(t + math.log(sd)) * denoised_d
-    return x + noise(sigma, sigma_next) * s_noise * su
+    return x + noise(sigma, sigma_next) * s_noise * su if su else x
 
 
 def dpmpp_multistep_sde_step(x, sigma, sigma_next, Ds, hs, eta, s_noise, noise, order, solver_type="midpoint"):
@@ -193,10 +208,26 @@ def sde_solve(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict
                      model=model, extra_args=extra_args)
 
 
-def default_sde_noise(method: str, x: Tensor, sigmas: Tensor, generator: Generator) -> Callable:
-    """The noise a method uses when none is given: a Brownian tree for the DPM-Solver++ SDEs (seeded from
-    ``generator``, one tree per item for a list of generators), i.i.d. normals from ``generator`` otherwise."""
+def default_sde_noise(method: str, x: Tensor, generator: Generator) -> Callable:
+    """The noise a method uses when none is given: for the DPM-Solver++ SDEs a Brownian tree over every
+    σ ≥ 0 (time ``tree_time``; one tree per item for a list of generators) seeded by ``tree_seeds``
+    without drawing, i.i.d. normals from ``generator`` otherwise."""
     if method in BROWNIAN_METHODS:
-        positive = sigmas[sigmas > 0]
-        return BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seeds_from(generator, x.shape[0]))
+        return BrownianTreeNoiseSampler(x, 0.0, math.inf, tree_seeds(generator, x.shape[0]), transform=tree_time)
     return lambda sigma, sigma_next: randn_like(x, generator)
+
+
+def sde_run(model, x: Tensor, sigmas: Tensor, method: str, *, generator: Generator, noise_sampler: Callable | None,
+            eta: float, **kw) -> Tensor:
+    """``sde_solve`` with ``default_sde_noise`` when no ``noise_sampler`` is given.
+
+    The default Brownian path is a function of σ and of the generator's state, so a grid split in
+    parts sees the path of the whole grid; the part that ends at σ = 0 with η > 0 then draws the seed,
+    so the generator ends where one whole run leaves it and the next run gets a new path.
+    """
+    default = noise_sampler is None
+    noise_sampler = default_sde_noise(method, x, generator) if default else noise_sampler
+    out = sde_solve(model, x, sigmas, method, eta=eta, noise_sampler=noise_sampler, **kw)
+    if default and method in BROWNIAN_METHODS and eta > 0 and float(sigmas[-1]) == 0:
+        tree_seeds(generator, x.shape[0], draw=True)
+    return out
