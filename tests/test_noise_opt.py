@@ -114,3 +114,16 @@ def test_dno_raises_the_bag_logit_of_the_shipped_fashion_model():
     start = out["rewards"][0]
     assert (out["reward"] > start + 1.0).all()
     assert out["x"].shape == z0.shape and out["nfe"]["backward"] == 6 * 2 * 4
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_dflow_never_exceeds_its_evaluation_budget(iterations):
+    """L-BFGS's strong-Wolfe line search asks for extra evaluations inside an iteration; the budget still holds:
+    exactly ``iterations`` evaluations (reward calls), each one forward + backward pass through the flow."""
+    model, grid = gaussian(), sigmas(4)
+    z0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out = noise_opt.dflow(model, z0, grid, lambda x0: -((x0 - 1.0) ** 4).sum(1), iterations=iterations,
+                          grad="full")
+    rows = iterations * 2 * 4  # evaluations × batch × 4 Euler rows (3 steps and the final x = D)
+    assert out["nfe"]["reward_calls"] == iterations == out["rewards"].shape[0]
+    assert out["nfe"]["forward"] == out["nfe"]["backward"] == rows

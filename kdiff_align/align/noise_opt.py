@@ -117,13 +117,18 @@ def dno(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations: i
     return _result(best, trace, counted, counted_reward)
 
 
+class _BudgetSpent(Exception):
+    """Raised inside L-BFGS's closure once ``iterations`` evaluations are spent."""
+
+
 def dflow(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations: int, lr: float = 1.0,
           reg: float = 0.0, method: str = "euler", grad: str = "adjoint", extra_args: dict | None = None,
           callback: Callable | None = None) -> dict:
     """D-Flow (Ben-Hamu et al. 2024): L-BFGS (strong Wolfe line search) on the source noise through the PF-ODE.
 
     Args:
-        iterations: the budget of objective evaluations (each one forward + backward through the flow).
+        iterations: the budget of objective evaluations (each one forward + backward through the flow),
+            never exceeded, not even inside a line search.
         reg: optional weight of :func:`shell_penalty` (0: the flow's Jacobian is the only regulariser).
 
     Returns the same dictionary as :func:`dno`.
@@ -138,6 +143,8 @@ def dflow(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations:
     trace = []
 
     def closure():
+        if len(trace) == iterations:  # a line search may ask for more than max_eval: the budget is hard
+            raise _BudgetSpent
         optimiser.zero_grad()
         x0, r = sample(z, [])
         _keep_best(best, x0, z, r)
@@ -148,5 +155,8 @@ def dflow(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations:
         loss.backward()
         return loss
 
-    optimiser.step(closure)
+    try:
+        optimiser.step(closure)
+    except _BudgetSpent:
+        pass
     return _result(best, trace, counted, counted_reward)
