@@ -181,3 +181,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def require(module: str, extra: str, needed_by: str):
+    """Import the optional ``module``, or fail naming the extra that installs it (not a bare "No module named")."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{needed_by} needs the optional package {module!r}: "
+                          f'pip install "kdiff-align[{extra}]"') from None

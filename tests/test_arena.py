@@ -1,5 +1,8 @@
 """The inference-time scaling arena (``kdiff_align.apps.arena``), its metrics, guidance and search pieces."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +11,11 @@ from kdiff_align import metrics, rewards, toy
 from kdiff_align.align import demon as demon_mod
 from kdiff_align.align import guidance, search
 from kdiff_align.apps import arena
-from kdiff_align.apps.cli import main
+from kdiff_align.apps.arena import costs, methods, scores
+from kdiff_align.apps.cli import main, parser
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(budgets=(40, 80), images=3, methods=["plain", "best_of_n"], seed=3)
 
 
@@ -28,43 +33,50 @@ def small_run(tmp_path_factory):
 
 def _task(pipe, reward_name="logit", images=2, sampler="heun"):
     heldout = toy.load_heldout_classifier()
-    (reward, _, alpha, scale), = arena._resolve_rewards(pipe, (reward_name,), "bag", heldout).values()
+    spec, = scores.resolve_rewards(pipe, (reward_name,), "bag", heldout).values()
+    reward, alpha, scale = spec.reward, spec.alpha, spec.scale
     noise = torch.randn(images, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
     model = CountingDenoiser(pipe.null_denoiser())
-    return arena.Task(pipe, model, reward, arena.is_differentiable(reward, pipe), noise, sampler, alpha, scale, 0)
+    return arena.Task(pipe, model, reward, scores.is_differentiable(reward, pipe), noise, sampler, alpha, scale, 0)
 
 
 def test_counted_nfe_of_every_method_matches_its_formula(pipe):
     task = _task(pipe, images=1)  # the accounting is per image
     for name in arena.METHODS:
         budget = 160 if name.endswith("-rollout") else 80  # the rollout look-ahead needs more to fit at all
-        x0, nfe, _, _ = arena.run_cell(task, name, budget)
+        cell = arena.run_cell(task, name, budget)
+        x0, nfe = cell["x0"], cell["nfe"]
         assert x0.shape == (1, *pipe.latent_shape)
+        # reward use is counted beside the NFE: plain sampling never reads the reward, the others do
+        assert (cell["reward_calls"] == 0) == name.startswith("plain-") == (cell["reward_rows"] == 0), name
+        if name == "best_of_n-ode":  # two 20-step Heun samples (39 rows each) fit 80: one call scores both
+            assert (cell["reward_calls"], cell["reward_rows"]) == (1, 2)
         assert nfe == arena.formula_nfe(name, pipe, budget) and nfe <= budget, name
     euler = _task(pipe, images=1, sampler="euler")  # the solver is passed through: Euler pays one row per step
-    assert arena.run_cell(euler, "plain-ode", 40)[1] == 40 == arena.formula_nfe("plain-ode", pipe, 40, "euler")
-    assert arena.run_cell(euler, "best_of_n-ode", 45)[1] == 40  # two 20-step Euler samples
+    assert arena.run_cell(euler, "plain-ode", 40)["nfe"] == 40 == arena.formula_nfe("plain-ode", pipe, 40, "euler")
+    assert arena.run_cell(euler, "best_of_n-ode", 45)["nfe"] == 40  # two 20-step Euler samples
     # the arena's Demon formula is the library's demon_cost for the Heun rollout
     for look, r_of_c in (("tweedie", "consistency"), ("rollout", "baseline")):
-        sigmas, K = arena.demon_config(pipe, 200, look, "heun")
-        assert arena.demon_rows(sigmas, K, look, "heun") == demon_mod.demon_cost(
-            sigmas, K=K, r_of_c=r_of_c, c_steps=arena.ROLLOUT_C_STEPS, ode_after=arena.ODE_AFTER)["network_rows"]
+        sigmas, K = costs.demon_config(pipe, 200, look, "heun")
+        assert costs.demon_rows(sigmas, K, look, "heun") == demon_mod.demon_cost(
+            sigmas, K=K, r_of_c=r_of_c, c_steps=costs.ROLLOUT_C_STEPS, ode_after=costs.ODE_AFTER)["network_rows"]
     assert arena.run_cell(task, "demon-tanh-rollout", 40) is None  # no Demon setting fits 40 NFE
-    assert arena.run_cell(_task(pipe, "jpeg"), "guidance-dps", 80) is None  # no gradient of a JPEG size
+    assert arena.run_cell(_task(pipe, "jpeg-small"), "guidance-dps", 80) is None  # no gradient of a JPEG size
 
 
 def test_best_of_n_is_at_least_plain_on_the_same_noises(pipe, small_run):
     rows, _ = small_run
     task = _task(pipe, images=3)
     for budget in (40, 80, 160):
-        x0, _, hyper, _ = arena.run_cell(task, "best_of_n-ode", budget)
+        cell = arena.run_cell(task, "best_of_n-ode", budget)
+        x0, hyper = cell["x0"], cell["hyper"]
         steps = int(hyper.split(", ")[1].split()[0])
-        plain = arena._sampler(task, steps)(task.noise)  # candidate 0 of the pool: the plain sample
+        plain = methods.ode_sampler(task, steps)(task.noise)  # candidate 0 of the pool: the plain sample
         # the pool contains plain's sample, so each item's best is at least its reward; 1e-4 covers the
         # float differences of evaluating that sample inside a larger batch
         assert (task.reward(x0) >= task.reward(plain) - 1e-4).all(), budget
     by = {(r["method"], r["reward_name"], r["budget_nfe"]): r for r in rows}
-    for reward_name in ("logit-bag", "jpeg"):
+    for reward_name in ("classifier:bag", "jpeg-small"):
         for budget in SMALL["budgets"]:
             # plain-ode spends the budget on steps (20 → 40); the same noises then give nearly the same
             # images, so best-of-N's pool (which holds the 20-step one) wins at the mean; the 1e-2 slack
@@ -102,11 +114,11 @@ def test_frechet_distance_of_real_splits_is_near_zero_and_grows_with_noise():
 
 def test_arena_is_reproducible_under_a_seed(small_run, tmp_path):
     rows, _ = small_run
-    again = arena.run_arena(None, **{**SMALL, "rewards": ("logit",), "budgets": (40,)})
+    again = arena.run_arena(None, **{**SMALL, "rewards": ("classifier",), "budgets": (40,)})
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
-    first = [r for r in rows if r["reward_name"] == "logit-bag" and r["budget_nfe"] == 40]
+    first = [r for r in rows if r["reward_name"] == "classifier:bag" and r["budget_nfe"] == 40]
     assert strip(again) == strip(first) and len(first) == 3
-    other = arena.run_arena(None, **{**SMALL, "rewards": ("logit",), "budgets": (40,), "seed": 4})
+    other = arena.run_arena(None, **{**SMALL, "rewards": ("classifier",), "budgets": (40,), "seed": 4})
     assert all(a["reward"] != b["reward"] for a, b in zip(other, first))
 
 
@@ -119,7 +131,7 @@ def test_arena_outputs_and_schema(small_run):
         family, variant = r["method"].split("-", 1)
         assert family in arena.FAMILIES and variant
         assert r["nfe"] <= r["budget_nfe"] and r["seconds"] > 0 and r["diversity"] > 0
-    assert {r["reward_name"] for r in rows} == {"logit-bag", "jpeg"}
+    assert {r["reward_name"] for r in rows} == {"classifier:bag", "jpeg-small"}
     assert (out / "pareto.png").stat().st_size > 5000 and "| plain-ode | 80 |" in (out / "arena.md").read_text()
     for name in ("plain-ode", "best_of_n-ode"):
         assert (out / f"{name}.png").stat().st_size > 1000
@@ -134,14 +146,73 @@ def test_user_reward_runs_through_the_python_function():
     assert all(r["reward_name"] == "brightness" for r in rows)
 
 
-@pytest.mark.parametrize("argv, needle", [(["--budgets", "x"], "--budgets"), (["--images", "1"], "images"),
-                                          (["--sampler", "nope"], "method must be one of"),
-                                          (["--methods", "fancy"], "methods"), (["--rewards", "aesthetic"], "--rewards"),
-                                          (["--class", "hat"], "class_name")])
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """``kdiff-align arena ARGV`` in this process: (exit status, stderr)."""
+    try:
+        code = main(["arena", *map(str, argv)])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("argv, needle", [(["--budgets", "x"], "--budgets"), (["--images", "1"], "--images"),
+                                          (["--sampler", "nope"], "--sampler"), (["--methods", "fancy"], "--methods"),
+                                          (["--rewards", "aesthetic:/nope"], "--rewards"),
+                                          (["--rewards", "vlm"], "--rewards"), (["--rewards", "logit:hat"], "--rewards"),
+                                          (["--rewards", "classifier:hat"], "--rewards"), (["--class", "hat"], "--class"),
+                                          (["--seed", "-1"], "--seed"), (["--threads", "0"], "--threads")])
 def test_cli_errors_are_one_line_and_exit_2(argv, needle, capsys, tmp_path):
-    assert main(["arena", "--out", str(tmp_path), *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and "\n" not in err and not list(tmp_path.iterdir())
+    code, err = run_cli(capsys, "--out", tmp_path / "run", *argv)
+    assert code == 2 and needle in err and "\n" not in err and not list(tmp_path.iterdir()), err
+
+
+def test_an_out_that_cannot_be_written_fails_before_any_work(capsys, tmp_path):
+    (tmp_path / "f").touch()
+    for out in (tmp_path / "f", tmp_path / "f" / "run", "/proc/kdiff"):
+        code, err = run_cli(capsys, "--out", out, "--quick")
+        assert code == 2 and "--out" in err and "\n" not in err, err
+    proc = subprocess.run([sys.executable, "-m", "kdiff_align", "arena", "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True, timeout=120)  # the command a person types
+    assert proc.returncode == 2 and proc.stderr.startswith("kdiff-align arena: error: argument --out:"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and not proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["f"] and (tmp_path / "f").stat().st_size == 0
+    with pytest.raises(ValueError, match="out"):  # the Python function checks before loading anything
+        arena.run_arena(tmp_path / "f", budgets=(40,), images=2, methods=["plain-ode"])
+
+
+def test_help_and_shared_flags_after_the_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["arena", "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "--no-progress" in text and "--debug" in text and "classifier[:CLASS]" in text
+    args = parser().parse_args(["arena", "--debug", "--no-progress", "--rewards", "logit", "jpeg"])
+    assert args.debug and args.no_progress and args.rewards == ["classifier", "jpeg-small"]  # old names: aliases
+
+
+def test_an_interrupted_run_keeps_its_cells_and_resumes(small_run, tmp_path):
+    """Ctrl-C after the first cell: the cell is on disk; the same call finishes the run with the same rows."""
+    out, seen = tmp_path / "run", []
+
+    def stop_after_first(line):
+        seen.append(line)
+        raise KeyboardInterrupt
+
+    settings = {**SMALL, "rewards": ("classifier",), "budgets": (40,)}
+    with pytest.raises(KeyboardInterrupt):
+        arena.run_arena(out, **settings, log=stop_after_first)
+    first_cell = out / "images" / "classifier-bag_plain-ode_b40.png"
+    assert (out / "INCOMPLETE").exists() and first_cell.is_file() and len(seen) == 1
+    stamp = first_cell.stat().st_mtime_ns
+    rows = arena.run_arena(out, **settings)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    fresh = [r for r in small_run[0] if r["reward_name"] == "classifier:bag" and r["budget_nfe"] == 40]
+    assert strip(rows) == strip(fresh) and len(rows) == 3  # the resumed run is the uninterrupted one
+    assert first_cell.stat().st_mtime_ns == stamp and not (out / "INCOMPLETE").exists()  # kept, not redone
+    attempts = [json.loads(line)["attempt"] for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(attempts) == 3 and attempts[0] != attempts[1] == attempts[2]
+    assert json.loads((out / "arena.json").read_text()) == rows
+    with pytest.raises(ValueError, match="config differs"):  # other settings need another folder
+        arena.run_arena(out, **{**settings, "seed": 5})
 
 
 def test_reward_guided_denoiser_is_exact_on_a_gaussian():
@@ -171,3 +242,29 @@ def test_searches_keep_the_best_and_never_get_worse():
     _, _, r_many = search.zero_order_search(lambda n: n, reward, pivot, iterations=30, count=4, step=0.3,
                                             generator=torch.Generator().manual_seed(1))
     assert (r_many >= r_zero).all() and (r_many > r_zero).any()
+
+
+def test_strengths_are_checked_and_reach_the_methods(pipe):
+    for bad in ({"beta": 1.0}, {"alpha": 0}, {"tau": "hot"}, {"step": -1}):
+        with pytest.raises(ValueError, match="strengths"):
+            arena.run_arena(None, budgets=(40,), images=2, methods=["plain-ode"], strengths=bad)
+    spec, = scores.resolve_rewards(pipe, ("classifier",), "bag", toy.load_heldout_classifier()).values()
+    assert spec.scale == 1 / spec.alpha == 1.0  # guidance aims at the tilt p·exp(r/α) that SMC targets
+    rows = arena.run_arena(None, rewards=("classifier",), budgets=(80,), images=2, methods=["search-zero-order"],
+                           strengths={"step": 0.25})
+    default = arena.run_arena(None, rewards=("classifier",), budgets=(80,), images=2, methods=["search-zero-order"])
+    assert rows[0]["reward"] != default[0]["reward"]  # λ moved the neighbours
+
+
+def test_the_docs_main_table_reproduces_with_its_command():
+    """One cell of docs/arena.md's main table, rerun with the command the page shows, to the printed digits."""
+    text = (ROOT / "docs" / "arena.md").read_text()
+    command = next(line for line in text.splitlines() if line.startswith("kdiff-align arena --rewards"))
+    args = parser().parse_args(command.split()[1:])
+    row = next(line for line in text.splitlines() if line.startswith("| best_of_n-ode | 80 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    again, = arena.run_arena(None, rewards=tuple(args.rewards), budgets=(80,), images=args.images, seed=args.seed,
+                             methods=["best_of_n-ode"], class_name=args.class_name, sampler=args.sampler)
+    assert cells[2] == f"{again['nfe']:.1f}" and cells[3] == str(again["reward_calls"])
+    assert cells[5] == f"{again['reward']:+.3f} ± {again['reward_sem']:.3f}"
+    assert cells[6] == f"{again['heldout_reward']:+.3f}" and cells[7] == f"{again['diversity']:.2f}"

@@ -42,11 +42,11 @@ def run_in_process(capsys, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
-def assert_one_line_error(result, command: str, *words: str) -> str:
-    """Exit 2, no traceback, exactly one stderr line ``kdiff-align COMMAND: error: ...`` holding ``words``."""
+def assert_one_line_error(result, command: str, *words: str, status: int = 2) -> str:
+    """Exit ``status`` (2: usage, 1: runtime), no traceback, one stderr line ``kdiff-align COMMAND: error: ...``."""
     lines = result.stderr.splitlines()
     errors = [line for line in lines if line.startswith(f"kdiff-align {command}: error: ")]
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == status and "Traceback" not in result.stderr, result.stderr
     assert len(errors) == 1 and all(line.startswith("kdiff-align: note:") for line in lines if line not in errors), \
         result.stderr
     assert all(w in errors[0] for w in words), errors[0]
@@ -140,11 +140,11 @@ def test_demon_failures_are_one_line_and_make_no_folder(place, args, words, caps
 
 
 def test_a_runtime_failure_is_one_line_and_debug_shows_the_traceback(place, capsys):
-    """A failure while loading (a diffusers folder without its parts) is still one line, and nothing is
-    written; --debug raises it."""
+    """A failure while loading (a diffusers folder without its parts) is still one line, exit status 1 (the
+    flags were fine, the work failed), and nothing is written; --debug raises it."""
     (place / "a_dir" / "model_index.json").write_text("{}")
     args = ["generate", "--model", place / "a_dir", "--prompt", "a cat", "--out", place / "run", "--no-progress"]
-    assert_one_line_error(run_in_process(capsys, *args), "generate", "unet")
+    assert_one_line_error(run_in_process(capsys, *args), "generate", "unet", status=1)
     assert not (place / "run").exists()
     with pytest.raises(Exception, match="unet"):
         main(["--debug", *map(str, args)])
@@ -179,7 +179,7 @@ def test_one_vocabulary_for_demon_and_generate():
         assert meaning(demon[flag]) == meaning(generate[flag]), flag
 
 
-@pytest.mark.parametrize("command", ["demo", "demon", "generate"])
+@pytest.mark.parametrize("command", ["demo", "demon", "generate", "arena"])
 def test_help_gives_every_flag_a_text_and_its_default(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -273,3 +273,63 @@ def test_library_messages_name_the_mistake():
     model = GaussianDenoiser(torch.zeros(2), torch.ones(2))
     with pytest.raises(TypeError, match=r"generator must be .* got int \(for a seed use torch.Generator"):
         sample_demon(model, torch.zeros(1, 2), torch.tensor([1.0, 0.5, 0.0]), lambda x: x.sum(1), generator=0)
+
+
+@pytest.mark.parametrize("command, args", [("demo", []), ("demon", ["--model", "toy:fashion", "--prompt", "bag"]),
+                                           ("generate", MIX), ("arena", [])])
+def test_an_unwritable_out_names_out_in_every_subcommand(command, args, capsys):
+    result = run_in_process(capsys, command, *args, "--out", "/proc/kdiff")  # /proc takes no new files, even as root
+    assert_one_line_error(result, command, "--out", "/proc/kdiff")
+
+
+def test_an_unreachable_vlm_is_a_runtime_failure_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kdiff_align.rewards.vlm.time.sleep", lambda seconds: None)  # retries without waiting
+    result = run_in_process(capsys, "generate", *MIX, "--method", "best_of_n", "--n", "2", "--steps", "3",
+                            "--reward", "vlm", "--vlm-url", "http://127.0.0.1:9/v1", "--vlm-model", "judge",
+                            "--out", tmp_path / "run", "--no-progress")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kdiff-align generate: error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr  # the flags were fine
+    assert len(errors) == 1 and "VLM reward gave up" in errors[0] and "127.0.0.1:9" in errors[0]
+
+
+def test_vlm_flags_need_the_vlm_reward_and_the_vlm_extra(tmp_path, capsys, monkeypatch):
+    result = run_in_process(capsys, "generate", *MIX, "--vlm-model", "judge", "--out", tmp_path / "run")
+    assert_one_line_error(result, "generate", "--vlm-model", "--reward vlm")
+    monkeypatch.setitem(sys.modules, "httpx", None)  # as if httpx were not installed
+    monkeypatch.setitem(sys.modules, "httpx2", None)
+    monkeypatch.setattr("kdiff_align.apps.generate.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    result = run_in_process(capsys, "generate", *MIX, "--reward", "vlm", "--vlm-url", "http://127.0.0.1:9/v1",
+                            "--vlm-model", "judge", "--out", tmp_path / "run")
+    assert_one_line_error(result, "generate", 'pip install "kdiff-align[vlm]"', status=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
+    from kdiff_align import from_pretrained, toy
+    (tmp_path / "model_index.json").write_text("{}")
+    for module in ("diffusers", "sklearn", "sklearn.datasets"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r'from_pretrained needs .*diffusers.*pip install "kdiff-align\[diffusers\]"'):
+        from_pretrained(tmp_path)
+    with pytest.raises(ImportError, match=r'pip install "kdiff-align\[digits\]"'):
+        toy.load_data("digits")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("bag\nsneaker\n".encode("utf-8-sig"))  # as Notepad saves UTF-8
+    assert cliargs.read_prompts(path) == ["bag", "sneaker"]
+    cliargs.check_prompts(cliargs.read_prompts(path), "toy:fashion", "--prompts")  # "\ufeffbag" would fail here
+
+
+def test_ctrl_c_while_starting_is_one_line(tmp_path):
+    """SIGINT during the imports (seconds of torch start-up) through the console script's entry point."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    code = "import sys, kdiff_align_cli; sys.exit(kdiff_align_cli.main(['demo', '--help']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    time.sleep(0.3)  # past the interpreter's own start (~50 ms), well before torch has loaded
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "kdiff-align: interrupted while starting; nothing was written\n", err
+    assert not out and not list(tmp_path.iterdir())

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, strategies as st
 from PIL import Image
 
-from kdiff_align.apps.experiment import (Experiment, env_secrets, plot_steps, read_jsonl, redact, run_items, secret_name,
-                                    shard)
+from kdiff_align.apps.experiment import (Experiment, env_secrets, plot_steps, read_jsonl, redact, repair_jsonl,
+                                         run_items, secret_name, shard)
 
 SECRET = "sk-live-0123456789abcdef"
 NAMES = [f"item{i:03d}" for i in range(12)]
@@ -205,3 +205,20 @@ def test_names_and_shards():
     assert sorted(sum(parts, [])) == NAMES and all(len(p) == 4 for p in parts)
     with pytest.raises(ValueError, match="rank"):
         shard(NAMES, 3, 3)
+
+
+def test_repair_cuts_a_torn_line_keeps_a_whole_one_and_damaged_images_are_pending(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2')  # torn: cut
+    assert repair_jsonl(path) and path.read_text() == '{"a": 1}\n' and not repair_jsonl(path)
+    path.write_text('{"a": 1}\n{"b": 2}')  # whole, only its newline lost: kept
+    assert repair_jsonl(path) and read_jsonl(path) == [{"a": 1}, {"b": 2}] and path.read_text().endswith("\n")
+    exp = Experiment(tmp_path / "run")
+    for name, item in (("x", "item001"), ("y", "item002"), ("z", "item003")):
+        exp.save_image(name, picture(item))
+    (tmp_path / "run" / "images" / "y.png").write_bytes(b"\x89PNG not really")
+    with open(tmp_path / "run" / "manifest.jsonl", "a") as f:
+        f.write('{"name": "w"}\n{"name": "x", "fi')  # a record without its file, then a torn line
+    again = Experiment(tmp_path / "run")
+    assert again.repaired == ["manifest.jsonl"] and again.damaged == ["y"] and again.pending(["x", "y", "z"]) == ["y"]
+    assert [r["name"] for r in read_jsonl(tmp_path / "run" / "manifest.jsonl")] == ["x", "z", "w"]

@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,3 +254,31 @@ def test_smc_report_counts_backward_passes_by_the_nfe_rule(tmp_path):
     (record,) = [r for r in read_jsonl(out / "steps.jsonl") if r.get("kind") == "image"]
     assert (record["nfe_forward"], record["nfe_backward"]) == (24, 20)
     assert record["nfe"] == 24 + 20 * BACKWARD_COST
+
+
+def test_a_damaged_folder_is_repaired_by_the_first_rerun_and_more_seeds_extend_it(prompts_file, reference, tmp_path,
+                                                                                   capsys):
+    """A corrupt PNG, a truncated PNG, a lost step record and a torn manifest line: the first rerun redoes
+    exactly those images (bit-equal to the originals), says which, and completes; more seeds extend the run."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "images" / "p00000-s1.png").write_bytes(os.urandom(100))  # head -c100 /dev/urandom > ...
+    half = (out / "images" / "p00001-s2.png").read_bytes()
+    (out / "images" / "p00001-s2.png").write_bytes(half[:len(half) // 2])
+    steps = (out / "steps.jsonl").read_text().splitlines(keepends=True)
+    (out / "steps.jsonl").write_text("".join(s for s in steps if not ('"kind": "image"' in s and "p00002-s0" in s)))
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"attempt": "dead", "file": "p0')  # a crash during the write
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    assert generate.main(["--prompts", str(prompts_file), "--out", str(out), *ARGS]) == 0
+    err = capsys.readouterr().err
+    assert "cut a torn last line of manifest.jsonl" in err
+    assert "regenerating 3 damaged images" in err and all(n in err for n in ("p00000-s1", "p00001-s2", "p00002-s0"))
+    check_complete(out, reference)  # each image once, bit-equal to the undamaged run, report written
+    redone = {p.name for p in (out / "images").iterdir() if p.stat().st_mtime_ns != stamps[p.name]}
+    assert redone == {"p00000-s1.png", "p00001-s2.png", "p00002-s0.png"}
+    more = [*ARGS[:ARGS.index("--seeds")], "--seeds", "0-5", *ARGS[ARGS.index("--seeds") + 2:]]
+    assert generate.main(["--prompts", str(prompts_file), "--out", str(out), *more]) == 0
+    assert "18 items, 12 already done" in capsys.readouterr().err  # 3 prompts × 2 new seeds to make
+    assert len(manifest_names(out)) == 18 and not (out / "INCOMPLETE").exists()
+    assert json.loads((out / "config.json").read_text())["seeds"] == [0, 1, 2, 3, 4, 5]

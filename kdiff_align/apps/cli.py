@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from . import arena, cliargs, demon, generate
+from . import cliargs, demon, generate
+from .arena.cli import add_cli as add_arena
 from . import demo as main_job
 
 
@@ -46,12 +47,17 @@ def parser() -> cliargs.Parser:
     add_demo(sub)
     demon.add_cli(sub)  # kdiff-align demon --model toy:NAME|DIR --prompt ... --reward ...
     generate.add_cli(sub)  # kdiff-align generate --model ... --prompts FILE ... (shard with torchrun)
-    arena.add_cli(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
+    add_arena(sub)  # kdiff-align arena [--quick] [--budgets ...] [--sampler ...]
     return top
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    """Parse and run one subcommand; Ctrl-C while parsing is one line too (the job's own is in ``cliargs.run``)."""
+    try:
+        args = parser().parse_args(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("kdiff-align: interrupted while starting; nothing was written\n")
+        return 130
     return cliargs.run(args, f"kdiff-align {args.command}")
 
 

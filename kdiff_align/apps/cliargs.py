@@ -32,7 +32,8 @@ REWARDS = {
     "vlm": "a VLM judge's score (--vlm-url, --vlm-model)",
     "human": "a person's choice in the browser",
 }
-OLD_REWARDS = {"jpeg": "jpeg-small", "jpeg_incompressible": "jpeg-large", "jpeg-size": "jpeg-large"}
+OLD_REWARDS = {"jpeg": "jpeg-small", "jpeg_incompressible": "jpeg-large", "jpeg-size": "jpeg-large",
+               "logit": "classifier"}
 REWARD_ARGS = ("classifier", "aesthetic")  # kinds that take ``:ARG``
 
 
@@ -213,7 +214,20 @@ def out_dir(text: str) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"cannot create {text!r}: {str(parent)!r} is a file")
+    if not writable(path if path.is_dir() else parent):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {str(parent if not path.is_dir() else path)!r} "
+                                         "does not accept new files (read-only or not permitted)")
     return path
+
+
+def writable(folder: Path) -> bool:
+    """Whether a new entry can be made in ``folder``: a probe folder is made and removed (root ignores modes)."""
+    import tempfile
+    try:
+        Path(tempfile.mkdtemp(prefix=".kdiff-probe-", dir=folder)).rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def device(text: str) -> str:
@@ -341,6 +355,12 @@ def check_reward_options(spec: str, model: str, args) -> None:
     kind, arg = reward_kind(spec)
     if kind == "vlm" and not (args.vlm_url and args.vlm_model):
         raise ValueError("--reward vlm needs --vlm-url URL and --vlm-model NAME")
+    given = [flag for flag, value in (("--vlm-url", args.vlm_url), ("--vlm-model", args.vlm_model)) if value]
+    if kind != "vlm" and given:
+        raise ValueError(f"{' and '.join(given)} only apply to --reward vlm, got --reward {spec}")
+    if kind == "vlm":
+        from ..rewards.vlm import httpx_module
+        httpx_module()  # fails here, before the model loads, naming the extra to install
     if kind == "aesthetic" and not args.aesthetic_head:
         raise ValueError("--reward aesthetic:CLIP_DIR needs --aesthetic-head FILE (the MLP weights)")
     if kind == "classifier" and (not model.startswith("toy:") or model == "toy:mixture"):
@@ -370,7 +390,7 @@ def check_prompts(prompts: list[str], model: str, flag: str = "--prompt") -> Non
 def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
     """One prompt per line; blank lines are skipped; an empty or unreadable file fails naming ``flag``."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"{flag}: cannot read {str(path)!r} as UTF-8 text ({error})") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -382,7 +402,12 @@ def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
 # --- running a subcommand ---------------------------------------------------------------------------
 
 def run(args, prog: str) -> int:
-    """Call ``args.func(args)``: a failure is one line (exit 2) unless ``--debug``; Ctrl-C one line (exit 130)."""
+    """Call ``args.func(args)``: a failure is one line unless ``--debug``; Ctrl-C one line (exit 130).
+
+    Bad input (``ValueError``, ``TypeError``: a flag, a combination, a folder of other settings) exits
+    with status 2 like a parsing error; a failure of the work itself (an unreachable VLM, a damaged or
+    unwritable file, ``OSError``, ``RuntimeError``) with status 1.
+    """
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -393,5 +418,6 @@ def run(args, prog: str) -> int:
     except Exception as error:  # noqa: BLE001 — every failure is one line unless --debug
         if getattr(args, "debug", False):
             raise
-        fail(prog, f"{error} (--debug shows the traceback)" if not isinstance(error, (ValueError, OSError))
-             else str(error))
+        usage = isinstance(error, (ValueError, TypeError))
+        fail(prog, str(error) if usage or isinstance(error, OSError) else
+             f"{type(error).__name__}: {error} (--debug shows the traceback)", status=2 if usage else 1)

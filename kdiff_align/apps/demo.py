@@ -22,6 +22,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -114,8 +115,8 @@ def constrained_baselines() -> dict[str, Callable]:
 
 
 def slug(name: str) -> str:
-    """A method's file name stem: ``"demon K=4"`` → ``"demon_K=4"``."""
-    return re.sub(r"[^A-Za-z0-9=.-]+", "_", name).strip("_")
+    """A method's file name stem, lower-case, letters, digits and dashes: ``"demon K=4"`` → ``"demon-k4"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("=", "")).strip("-")
 
 
 def demo_rewards(pipe) -> dict[str, Callable]:
@@ -126,19 +127,30 @@ def demo_rewards(pipe) -> dict[str, Callable]:
     }
 
 
+def grid_rows(images: dict[str, Tensor], scores: dict[str, Tensor]) -> list[tuple[str, Tensor, list[str]]]:
+    """The rows of a method's grid: one per reward, or a single row when every reward got the same images
+    (a method that ignores the reward), titled with each reward's score of each image."""
+    first = next(iter(images.values()))
+    if len(images) > 1 and all(torch.equal(x, first) for x in images.values()):
+        titles = ["\n".join(f"{scores[name][j]:.2f}" for name in scores) for j in range(len(first))]
+        return [("same samples for every reward\n(" + " / ".join(scores) + ")", first, titles)]
+    return [(name, x, [f"{s:.2f}" for s in scores[name]]) for name, x in images.items()]
+
+
 def save_grid(images: dict[str, Tensor], scores: dict[str, Tensor], path: Path, title: str) -> None:
-    """One row of images per reward, each titled with its reward value."""
+    """One row of images per reward (one row in all when the images do not depend on it), titled with rewards."""
     import matplotlib.pyplot as plt
-    rows, cols = len(images), max(len(x) for x in images.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False)
-    for ax_row, (name, x) in zip(axes, images.items()):
+    rows = grid_rows(images, scores)
+    cols = max(len(x) for _, x, _ in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(max(1.3 * cols, 4.0), 1.6 * len(rows) + 0.6), squeeze=False)
+    for ax_row, (label, x, titles) in zip(axes, rows):
         for j, ax in enumerate(ax_row):
             ax.axis("off")
             if j < len(x):
                 ax.imshow(x[j, 0].clamp(-1, 1).cpu().numpy(), cmap="gray", vmin=-1, vmax=1)
-                ax.set_title(f"{scores[name][j]:.2f}", fontsize=8)
-        ax_row[0].text(-0.15, 0.5, name, transform=ax_row[0].transAxes, rotation=90, va="center", ha="right",
-                       fontsize=8)
+                ax.set_title(titles[j], fontsize=7 if "\n" in titles[j] else 8)
+        ax_row[0].text(-0.15, 0.5, label, transform=ax_row[0].transAxes, rotation=90, va="center", ha="right",
+                       fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
@@ -169,22 +181,37 @@ def save_constraint_grid(known: Tensor, mask: Tensor, x0: Tensor, scores: dict[s
     plt.close(fig)
 
 
-def save_plot(results: list[dict], path: Path) -> None:
+def reward_plot(results: list[dict]):
     """Mean reward (± standard error) against network evaluations per image, one panel per reward;
-    constrained baselines (which ignore the reward) are open squares, labelled as such."""
+    constrained baselines (which ignore the reward) are open squares. The legend sits below the panels,
+    and the log axis is labelled in plain numbers at doublings (10, 20, 40, 80, 160, not 4×10¹)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     names = list(dict.fromkeys(r["reward"] for r in results))
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for r in (r for r in results if r["reward"] == name):
+        rows = [r for r in results if r["reward"] == name]
+        for r in rows:
             baseline = r.get("kind") == "constrained"
             ax.errorbar(r["nfe"], r["mean"], yerr=r["sem"], fmt="s" if baseline else "o", capsize=3,
                         mfc="none" if baseline else None,
                         label=r["method"] + (" (constrained baseline, ignores the reward)" if baseline else ""))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([10 * 2.0 ** k for k in range(-3, 12)]))  # 5, 10, 20, 40, ...
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set(xlabel="network evaluations per image", ylabel=name, title=name)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+    rows_of_legend = -(-len(labels) // 3)
+    fig.tight_layout(rect=(0, 0.07 * rows_of_legend + 0.04, 1, 1))
+    return fig
+
+
+def save_plot(results: list[dict], path: Path) -> None:
+    """``reward_plot`` written to ``path``."""
+    import matplotlib.pyplot as plt
+    fig = reward_plot(results)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
@@ -204,10 +231,13 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
         images, scores = {}, {}
         for reward_name, reward in reward_fns.items():
             start = time.perf_counter()
-            x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
+            with warnings.catch_warnings(record=True) as caught:  # reported in the summary, not as Python warnings
+                warnings.simplefilter("always")
+                x0, nfe = fn(pipe, x_T, reward, torch.Generator().manual_seed(seed + 1), disable, steps)
             seconds = time.perf_counter() - start
             images[reward_name], scores[reward_name] = x0.detach().cpu(), _score(reward, x0, batch, reward_name)
-            results.append(_row(method, reward_name, scores[reward_name], nfe, seconds, "reward"))
+            row = _row(method, reward_name, scores[reward_name], nfe, seconds / batch, "reward")
+            results.append({**row, "notes": list(dict.fromkeys(str(w.message) for w in caught))})
         save_grid(images, scores, out / f"{slug(method)}.png",
                   f"{method}: {batch} samples from the same noises, {steps} steps")
     for method, fn in constrained_baselines().items():  # one run: the result does not depend on the reward
@@ -215,7 +245,7 @@ def run(out: str | os.PathLike = "demo_out", quick: bool = False, disable: bool 
         x0, nfe, constraint = fn(pipe, x_T, torch.Generator().manual_seed(seed + 1), disable, steps)
         seconds = time.perf_counter() - start
         scores = {name: _score(reward, x0, batch, name) for name, reward in reward_fns.items()}
-        results += [_row(method, name, r, nfe, seconds, "constrained") for name, r in scores.items()]
+        results += [_row(method, name, r, nfe, seconds / batch, "constrained") for name, r in scores.items()]
         save_constraint_grid(constraint["known"], constraint["mask"], x0.detach(), scores, out / f"{slug(method)}.png",
                              f"{method}: constrained baseline, {steps} steps\n"
                              "ignores the reward (scored for reference)")
@@ -231,20 +261,25 @@ def _score(reward, x0: Tensor, batch: int, name: str) -> Tensor:
 
 def _row(method: str, reward: str, r: Tensor, nfe: float | dict, seconds: float, kind: str) -> dict:
     """One results row; ``kind`` is ``reward`` (aligned to it) or ``constrained`` (ignores it); ``nfe`` is a
-    forward count or ``utils.nfe_summary``'s dict (the row's ``nfe`` is its total in forward equivalents)."""
+    forward count or ``utils.nfe_summary``'s dict (the row's ``nfe`` is its total in forward equivalents);
+    ``seconds`` is wall time per image, like the NFE."""
     nfe = nfe if isinstance(nfe, dict) else nfe_summary(nfe)  # the NFE rule
     sem = (r.std() / len(r) ** 0.5).item() if len(r) > 1 else 0.0
     return dict(method=method, reward=reward, kind=kind, mean=r.mean().item(), sem=sem, nfe=float(nfe["total"]),
-                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds=seconds)
+                nfe_forward=nfe["forward"], nfe_backward=nfe["backward"], seconds_per_image=seconds)
 
 
 def print_table(results: list[dict]) -> None:
-    """The results as an aligned text table; constrained baselines are starred."""
-    print(f"{'method':<17}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'seconds':>9}")
+    """The results as an aligned text table (NFE and seconds per image); constrained baselines are starred,
+    and what a method warned about is a note under the table."""
+    print(f"{'method':<17}{'reward':<16}{'mean':>9}{'± sem':>8}{'NFE/img':>9}{'s/img':>8}")
     for r in results:
         star = "*" if r.get("kind") == "constrained" else ""
         print(f"{r['method'] + star:<17}{r['reward']:<16}{r['mean']:>9.3f}{r['sem']:>8.3f}{r['nfe']:>9.0f}"
-              f"{r['seconds']:>9.2f}")
+              f"{r['seconds_per_image']:>8.3f}")
     if any(r.get("kind") == "constrained" for r in results):
         print("* constrained baseline: follows its constraint (left half fixed) and ignores the reward; "
               "scored for reference")
+    for r in results:
+        for note in r.get("notes", ()):
+            print(f"note: {r['method']}, {r['reward']}: {note}")

@@ -113,6 +113,34 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
+def repair_jsonl(path: Path) -> bool:
+    """End a file of JSON lines cleanly after a crash mid-write: a torn last line is cut (a whole one kept).
+
+    Returns True when the file was changed; later appends then start on a line of their own.
+    """
+    data = path.read_bytes() if path.exists() else b""
+    if not data or data.endswith(b"\n"):
+        return False
+    head, _, tail = data.rpartition(b"\n")
+    try:
+        json.loads(tail)
+        keep = data + b"\n"  # a whole record whose newline was lost
+    except ValueError:
+        keep = head + b"\n" if head else b""
+    atomic_write_bytes(path, keep)
+    return True
+
+
+def image_ok(path: Path) -> bool:
+    """Whether ``path`` is an image file that decodes completely (not missing, truncated or corrupt)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception:  # noqa: BLE001 — PIL raises OSError, SyntaxError, ValueError, zlib errors, ...
+        return False
+    return True
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, and move it into place."""
 
@@ -137,6 +165,19 @@ def _remove_dead_temporaries(directory: Path) -> None:
             continue
 
 
+def whole_record(record) -> bool:
+    """Whether a manifest line is a whole record: a name, an image file name and the attempt that wrote it."""
+    return isinstance(record, dict) and all(isinstance(record.get(k), str) and record[k]
+                                            for k in ("name", "file", "attempt"))
+
+
+def extends(saved: dict, config: dict, keys: Sequence[str]) -> bool:
+    """Whether ``config`` differs from ``saved`` only by lists under ``keys`` that keep every saved item."""
+    diff = _config_diff(saved, config)
+    return bool(diff) and all(k in keys and isinstance(saved.get(k), list) and isinstance(config.get(k), list)
+                              and all(v in config[k] for v in saved[k]) for k in diff)
+
+
 def _config_diff(saved: dict, config: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(config) if saved.get(k, "<absent>") != config.get(k, "<absent>"))
 
@@ -150,10 +191,18 @@ class Experiment:
             unless ``reconfigure_empty`` and no image is finished yet (then the new one replaces it).
         resume: False refuses a directory that already holds a config.
         secrets: extra strings that must never be written (the environment's secrets are always dropped).
+        extendable: config keys holding lists that a resumed run may extend (items added, none dropped),
+            e.g. the seeds of a generation run.
+        repair: cut torn last lines of the manifest and step log (``repaired`` names the files); leave it
+            to one process where several open the folder at once.
+
+    On opening, every finished image is checked: an image that is missing, does not decode, or whose
+    manifest record is not whole is listed in ``damaged`` and is pending again.
     """
 
     def __init__(self, directory: str | os.PathLike, config: dict | None = None, *, resume: bool = True,
-                 secrets: Iterable[str] = (), reconfigure_empty: bool = False):
+                 secrets: Iterable[str] = (), reconfigure_empty: bool = False, extendable: Sequence[str] = (),
+                 repair: bool = True):
         self.directory = Path(directory)
         self.images_dir = self.directory / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
@@ -161,11 +210,16 @@ class Experiment:
         self.attempt = uuid.uuid4().hex[:12]
         for directory in (self.directory, self.images_dir):
             _remove_dead_temporaries(directory)
-        self.config = self._open_config(config, resume, reconfigure_empty)
-        self.finished = {r["name"]: r for r in read_jsonl(self.directory / "manifest.jsonl")
-                         if isinstance(r, dict) and "name" in r and (self.images_dir / r.get("file", "")).is_file()}
+        self.repaired = [name for name in ("manifest.jsonl", "steps.jsonl")
+                         if repair and repair_jsonl(self.directory / name)]
+        self.config = self._open_config(config, resume, reconfigure_empty, extendable)
+        records = {r["name"]: r for r in read_jsonl(self.directory / "manifest.jsonl") if whole_record(r)}
+        self.damaged = sorted(n for n, r in records.items() if not image_ok(self.images_dir / r["file"]))
+        self.finished = {n: r for n, r in records.items() if n not in self.damaged}
+        if repair and self.damaged:
+            self._drop_from_manifest(self.damaged)
 
-    def _open_config(self, config: dict | None, resume: bool, reconfigure_empty: bool) -> dict:
+    def _open_config(self, config: dict | None, resume: bool, reconfigure_empty: bool, extendable=()) -> dict:
         path = self.directory / "config.json"
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"config must be a dict, got {type(config).__name__}")
@@ -174,9 +228,10 @@ class Experiment:
             if not resume:
                 raise FileExistsError(f"{self.directory} already holds an experiment; pass resume=True to continue it")
             saved = json.loads(path.read_text())
-            if reconfigure_empty and config is not None and saved != clean and \
-                    not read_jsonl(self.directory / "manifest.jsonl"):
-                saved = clean  # nothing was finished under the old settings: nothing can be mixed
+            empty = not read_jsonl(self.directory / "manifest.jsonl")
+            if config is not None and saved != clean and ((reconfigure_empty and empty) or
+                                                          extends(saved, clean, extendable)):
+                saved = clean  # nothing finished can be mixed with other settings
                 atomic_write_bytes(path, (json.dumps(clean, indent=2, sort_keys=True) + "\n").encode())
             if config is not None and saved != clean:
                 raise ValueError(f"config differs from the one saved in {path} at keys {_config_diff(saved, clean)}; "
@@ -201,6 +256,23 @@ class Experiment:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"image name must match {_NAME.pattern} (no path separators), got {name!r}")
         return self.images_dir / f"{name}.png"
+
+    def redo(self, names: Iterable[str]) -> None:
+        """Count finished images as damaged (e.g. their step record is lost): dropped from the manifest, pending.
+
+        Call it from one process while no other writes to the folder (rank 0 before the others open it).
+        """
+        names = [n for n in names if self.finished.pop(n, None) is not None]
+        if names:
+            self.damaged = sorted({*self.damaged, *names})
+            self._drop_from_manifest(names)
+
+    def _drop_from_manifest(self, names) -> None:
+        """Rewrite the manifest without ``names`` (each image is listed once: a redone one's line replaces it)."""
+        drop = set(names)
+        lines = [r for r in read_jsonl(self.directory / "manifest.jsonl") if r.get("name") not in drop]
+        atomic_write_bytes(self.directory / "manifest.jsonl",
+                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
 
     def done(self, name: str) -> bool:
         """Whether image ``name`` was finished by this or an earlier run."""

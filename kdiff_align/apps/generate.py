@@ -177,12 +177,13 @@ def generate(args) -> Path | None:
     factory = RewardFactory(args.reward, pipe, args)
     config = run_config(args, prompts, seeds)
     secrets = [os.environ.get(args.vlm_key_env, "")] if args.vlm_key_env else []
-    if rank == 0:  # rank 0 creates (or checks) the directory before the others open it
-        exp = experiment.Experiment(args.out, config, secrets=secrets, reconfigure_empty=True)
+    if rank == 0:  # rank 0 creates (or checks and repairs) the directory before the others open it
+        exp = experiment.Experiment(args.out, config, secrets=secrets, reconfigure_empty=True, extendable=("seeds",))
         exp.mark_incomplete("rerun the same command to finish this run (finished images are kept)")
+        say_repairs(exp, prompts, seeds)
     barrier()
     if rank != 0:
-        exp = experiment.Experiment(args.out, config, secrets=secrets)
+        exp = experiment.Experiment(args.out, config, secrets=secrets, repair=False)
     table = {name: (i, seed) for name, i, seed in items(prompts, seeds)}
     mine = experiment.shard(list(table), rank, world)
     pending = exp.pending(mine)
@@ -199,6 +200,17 @@ def generate(args) -> Path | None:
         exp.mark_complete()
     barrier()
     return report
+
+
+def say_repairs(exp, prompts: list[str], seeds: list[int]) -> None:
+    """Redo finished images that are damaged or lost their step record, and say so on stderr (rank 0 only)."""
+    recorded = {r.get("item") for r in exp.steps() if r.get("kind") == "image"}
+    exp.redo(name for name, _, _ in items(prompts, seeds) if exp.done(name) and name not in recorded)
+    if exp.repaired:
+        print(f"cut a torn last line of {' and '.join(exp.repaired)} (a crash mid-write)", file=sys.stderr, flush=True)
+    if exp.damaged:
+        print(f"regenerating {len(exp.damaged)} damaged images (missing, not decodable or unrecorded): "
+              f"{', '.join(exp.damaged[:20])}{' ...' if len(exp.damaged) > 20 else ''}", file=sys.stderr, flush=True)
 
 
 def run_prompts(args) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..utils import require
 from . import mixture, sd, sd3, toy
 from .pipeline import Pipeline
 
@@ -30,6 +31,8 @@ def from_pretrained(path, torch_dtype: torch.dtype | None = None, device=None) -
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"path {str(path)!r} is not a folder; expected a local diffusers model folder")
+    for module in ("diffusers", "transformers"):
+        require(module, "diffusers", "from_pretrained")
     dtype = torch.float32 if torch_dtype is None else torch_dtype
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"torch_dtype must be a torch.dtype such as torch.float16, got {torch_dtype!r}")

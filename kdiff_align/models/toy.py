@@ -45,6 +45,7 @@ from safetensors import safe_open
 from torch.nn import functional as F
 
 from ..external import KarrasDenoiser
+from ..utils import require
 from .pipeline import Pipeline
 
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -117,7 +118,7 @@ def load_digits_data(split: str = "train") -> tuple[Tensor, Tensor]:
     """
     if split not in ("train", "test", "eval"):
         raise ValueError(f"split must be 'train', 'test' or 'eval', got {split!r}")
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "digits", 'the "digits" data set').load_digits
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 8 - 1)[:, None]
     y = torch.from_numpy(digits.target.astype(np.int64))

@@ -101,7 +101,7 @@ def httpx_module():
         try:
             import httpx2 as httpx
         except ImportError:
-            raise ImportError("VLMReward needs httpx: pip install 'kdiff_align[vlm]' (or pip install httpx)") from None
+            raise ImportError('the VLM reward needs the optional package \'httpx\': pip install "kdiff-align[vlm]"') from None
     return httpx
 
 

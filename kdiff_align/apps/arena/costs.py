@@ -1,0 +1,103 @@
+"""The arena's cost formulas: network rows per image of each method's settings, and the fit to a budget.
+
+A backward pass through the network counts as one row; each method's hyper-parameters are the largest
+whose formula fits the budget (``tests/test_arena.py`` checks every formula against counted rows).
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ... import sampling
+from ...align.demon import demon_steps, rollout_steps
+from ...align.smc import tempering_schedule
+
+BASE_STEPS, SEARCH_STEPS, DEMON_GRIDS, SMC_GRIDS = 20, 10, (20, 16, 12), (20, 10, 5)
+ROLLOUT_C_STEPS, ODE_AFTER = 2, 0.11
+
+
+def ode_rows(sampler: str, steps: int) -> int:
+    """Network rows of ``odeint`` over ``steps`` steps: (steps − 1) solver steps and the final Euler step."""
+    return (steps - 1) * sampling.NFE_PER_STEP.get(sampler, 1) + 1
+
+
+def fit_steps(sampler: str, budget: float, per_row: int = 1, most: int | None = None) -> int | None:
+    """The most steps (≥ 2, ≤ ``most``) whose ``per_row``·``ode_rows`` fits ``budget``; None if none does."""
+    steps = 2 if per_row * ode_rows(sampler, 2) <= budget else None
+    while steps is not None and (most is None or steps < most) and per_row * ode_rows(sampler, steps + 1) <= budget:
+        steps += 1
+    return steps
+
+
+def demon_rows(sigmas: Tensor, K: int, lookahead: str, sampler: str) -> int:
+    """Rows per image of ``sample_demon`` here: per Demon step 2 + K + K·L, then the Heun tail 2m − 1.
+
+    L = 1 for the Tweedie look-ahead, ``ode_rows`` of the rollout (``rollout_steps`` with c = 2) else.
+    """
+    steps = demon_steps(sigmas, ODE_AFTER)
+    rows = 2 * (len(sigmas) - 1 - steps) - 1
+    for i in range(steps):
+        n = rollout_steps(float(sigmas[i + 1]), float(sigmas[-2]), float(sigmas[0]), ROLLOUT_C_STEPS)
+        rows += 2 + K + K * (1 if lookahead == "tweedie" else ode_rows(sampler, n))
+    return rows
+
+
+def smc_rows(steps: int, n: int, guided: bool) -> tuple[int, int]:
+    """(forward, backward) rows per image of ``sample_smc``: N per step, and N backward per guided step.
+
+    A guided step differentiates unless it is the last or its next tempering λ is 0 (DAS's exp schedule).
+    """
+    lam = tempering_schedule("exp", steps)[:steps].clone()
+    lam[-1] = 1.0
+    return n * steps, n * int((lam[1:] > 0).sum()) if guided else 0
+
+
+def demon_config(pipe, budget: float, lookahead: str, sampler: str) -> tuple[Tensor, int] | None:
+    """(σ grid, K) for Demon: the first grid of ``DEMON_GRIDS`` where K = 2 fits, with the largest K that fits."""
+    for steps in DEMON_GRIDS:
+        sigmas = pipe.sigmas(steps)
+        if demon_rows(sigmas, 2, lookahead, sampler) <= budget:
+            K = 2
+            while K < 256 and demon_rows(sigmas, K + 1, lookahead, sampler) <= budget:
+                K += 1
+            return sigmas, K
+    return None
+
+
+def smc_config(budget: float, guided: bool) -> tuple[int, int] | None:
+    """(steps, particles N ≥ 2): the first grid of ``SMC_GRIDS`` where two particles fit, N as large as fits."""
+    for steps in SMC_GRIDS:
+        if sum(smc_rows(steps, 2, guided)) <= budget:
+            return steps, int(budget // sum(smc_rows(steps, 1, guided)))
+    return None
+
+
+def search_plan(sampler: str, budget: float) -> tuple[int, int, int] | None:
+    """(steps, neighbours per round, rounds) of the zero-order search, or None below two samples."""
+    steps = fit_steps(sampler, budget, most=SEARCH_STEPS)
+    samples = 0 if steps is None else int(budget // ode_rows(sampler, steps))
+    if samples < 2:
+        return None
+    count = 4 if samples >= 9 else 2 if samples >= 3 else 1
+    return steps, count, (samples - 1) // count
+
+
+def formula_nfe(name: str, pipe, budget: int, sampler: str = "heun") -> float | None:
+    """The NFE per image that method ``name`` should spend at ``budget`` by its cost formula (None: no fit)."""
+    family = name.split("-")[0]
+    if name == "plain-ode" or name == "guidance-dps":
+        per_row = 2 if family == "guidance" else 1
+        steps = fit_steps(sampler, budget, per_row=per_row)
+        return None if steps is None else per_row * ode_rows(sampler, steps)
+    if name == "plain-sde":
+        return budget if budget >= 2 else None
+    if name in ("best_of_n-ode", "search-random"):
+        steps = fit_steps(sampler, budget, most=BASE_STEPS if family == "best_of_n" else SEARCH_STEPS)
+        return None if steps is None else budget // ode_rows(sampler, steps) * ode_rows(sampler, steps)
+    if name == "search-zero-order":
+        plan = search_plan(sampler, budget)
+        return None if plan is None else (1 + plan[1] * plan[2]) * ode_rows(sampler, plan[0])
+    if family == "demon":
+        config = demon_config(pipe, budget, name.split("-")[2], sampler)
+        return None if config is None else demon_rows(config[0], config[1], name.split("-")[2], sampler)
+    config = smc_config(budget, guided="-das-" in name)
+    return None if config is None else sum(smc_rows(config[0], config[1], guided="-das-" in name))
