@@ -106,15 +106,25 @@ class MixtureDenoiser(torch.nn.Module):
 
 
 class CountingDenoiser(torch.nn.Module):
-    """Wraps a denoiser, counting calls and rows, and checking that σ is a [B] tensor matching x."""
+    """Wraps a denoiser, counting calls and rows, and checking that σ is a [B] tensor matching x.
+
+    ``rows`` counts forward rows (recomputation by checkpointing or an adjoint included);
+    ``backward_rows`` the rows a backward pass went through (a hook on each output with a graph).
+    """
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.calls, self.rows = model, 0, 0
+        self.model, self.calls, self.rows, self.backward_rows = model, 0, 0, 0
 
     def forward(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
         if not isinstance(sigma, Tensor) or sigma.shape != (x.shape[0],):
             raise AssertionError(f"sigma must be a [B]={x.shape[0]} tensor, got {getattr(sigma, 'shape', sigma)}")
         self.calls += 1
         self.rows += x.shape[0]
-        return self.model(x, sigma, **kwargs)
+        out = self.model(x, sigma, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._count_backward(grad.shape[0]))
+        return out
+
+    def _count_backward(self, rows: int) -> None:
+        self.backward_rows += rows

@@ -1,2 +1,3 @@
-"""Inference-time alignment methods on the core: Sampling Demon, SMC, inexact Newton, DPS, guidance, search."""
-from . import demon, dps, guidance, newton, resampling, search, smc
+"""Inference-time alignment methods on the core: Sampling Demon, SMC, inexact Newton, DPS, guidance, search,
+noise optimisation (DNO, D-Flow)."""
+from . import demon, dps, guidance, newton, noise_opt, resampling, search, smc

@@ -16,10 +16,11 @@ from typing import Callable
 import torch
 import torchdiffeq
 from torch import Tensor
-from tqdm.auto import tqdm, trange
+from tqdm.auto import tqdm
 
 from ..utils import (Generator, append_dims, as_sigma, check_generator, check_sigmas, check_input,
                     get_ancestral_step, randn_like, to_d)
+from .grad import check_grad, fixed_noise, grad_context, grad_inputs, run_steps
 from .multistep import MULTISTEP_METHODS, multistep_odeint
 from .sde import SDE_METHODS, sde_run
 
@@ -203,15 +204,34 @@ class _LogSigmaODE(torch.nn.Module):
         self.pbar.update(float(du))
 
 
-def _adaptive(model, x, sigma_from, sigma_to, extra_args, callback, disable, method, rtol, atol) -> Tensor:
-    """Integrate the PF-ODE from σ_from to σ_to (> 0) with an adaptive torchdiffeq solver in log σ."""
+def _adaptive(model, x, sigma_from, sigma_to, extra_args, callback, disable, method, rtol, atol,
+              grad=None) -> Tensor:
+    """Integrate the PF-ODE from σ_from to σ_to (> 0) with an adaptive torchdiffeq solver in log σ
+    (``grad="adjoint"``: torchdiffeq's ``odeint_adjoint``, O(1) memory, gradients to solver tolerance)."""
     sign = -1.0 if sigma_to < sigma_from else 1.0
     u = sign * torch.tensor([float(sigma_from), float(sigma_to)], dtype=torch.float64).log()
     with tqdm(total=float(u[1] - u[0]), disable=disable, unit="log σ",
               bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} log σ") as pbar:
         func = _LogSigmaODE(model, extra_args, sign, callback, pbar, x.shape[0])
+        if grad == "adjoint":
+            return torchdiffeq.odeint_adjoint(func, x, u.to(x.device), rtol=rtol, atol=atol,
+                                              method=ADAPTIVE_METHODS[method],
+                                              adjoint_params=tuple(grad_inputs(model, extra_args)))[-1]
         return torchdiffeq.odeint(func, x, u.to(x.device), rtol=rtol, atol=atol,
                                   method=ADAPTIVE_METHODS[method])[-1]
+
+
+def _fixed_grid(model, x, sigmas, method, extra_args, callback, disable, grad, grad_last) -> Tensor:
+    """The k-diffusion loop of a one-step ``method`` along ``sigmas`` (either direction), in a ``grad`` mode."""
+    s = sigmas.tolist()  # one device sync per run; steps then branch on floats
+
+    def step(i, x):
+        denoised = model(x, as_sigma(s[i], x), **extra_args)
+        x_next, _ = ode_step(model, x, s[i], s[i + 1], extra_args=extra_args, method=method, denoised=denoised)
+        return x_next, {"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised}, ()
+
+    return run_steps(step, x, len(s) - 1, callback=callback, disable=disable, grad=grad, grad_last=grad_last,
+                     model=model, extra_args=extra_args)
 
 
 def _shape_checked(model) -> Callable:
@@ -222,6 +242,7 @@ def _shape_checked(model) -> Callable:
             raise ValueError(f"model returned x̂₀ of shape {tuple(getattr(denoised, 'shape', ()))} for x of shape "
                              f"{tuple(x.shape)}; a denoiser must return x's shape (a 1-D x is a batch of scalars)")
         return denoised
+    denoiser.__wrapped__ = model  # the adjoint's parameters are the wrapped model's (``grad.grad_inputs``)
     return denoiser
 
 
@@ -237,10 +258,9 @@ def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool, end_ze
     return {} if extra_args is None else extra_args
 
 
-@torch.no_grad()
 def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, callback: Callable | None = None,
            disable: bool | None = None, method: str = "heun", rtol: float = 1e-4, atol: float = 1e-4,
-           **solver_kw) -> Tensor:
+           grad: str | None = None, grad_last: int | None = None, **solver_kw) -> Tensor:
     """Sample by integrating the probability-flow ODE along decreasing ``sigmas``.
 
     Fixed-grid methods (euler, heun, dpm2, rk4) and multistep ones (lms, dpmpp_2m, dpmpp_3m, unipc,
@@ -252,6 +272,10 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     Args:
         method: a name from ``METHODS``, or a ``TunedSampler``, whose solver then runs on its own grid
             between ``sigmas[0]`` and ``sigmas[-1]`` (``TunedSampler.along``).
+        grad: None (no graph, as k-diffusion), ``"full"`` (autograd through the unrolled loop),
+            ``"checkpoint"`` (per-step activation checkpointing) or ``"adjoint"`` (discrete adjoint on
+            fixed grids, torchdiffeq's ``odeint_adjoint`` for the adaptive methods); see ``sampling.grad``.
+        grad_last: with ``grad``, differentiate only the last K steps (DRaFT-K).
         solver_kw: multistep options: ``order``, ``variant`` (UniPC "bh1"/"bh2"),
             ``lower_order_final``.
     """
@@ -259,16 +283,19 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
         sigmas, solver_kw, method = method.along(sigmas), {**method.solver_kw, **solver_kw}, method.method
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True, end_zero=False)
     model = _shape_checked(model)
+    check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)
     if solver_kw and method not in MULTISTEP_METHODS:
         raise TypeError(f"{', '.join(solver_kw)} only apply to the multistep methods, not {method!r}")
-    if method in MULTISTEP_METHODS:
-        return multistep_odeint(model, x, sigmas, method, extra_args=extra_args, callback=callback,
-                                disable=disable, **solver_kw)
-    if method in ADAPTIVE_METHODS:
+    with grad_context(grad):
+        if method in MULTISTEP_METHODS:
+            return multistep_odeint(model, x, sigmas, method, extra_args=extra_args, callback=callback,
+                                    disable=disable, grad=grad, grad_last=grad_last, **solver_kw)
+        if method not in ADAPTIVE_METHODS:
+            return _fixed_grid(model, x, sigmas, method, extra_args, callback, disable, grad, grad_last)
         ends_in_zero = float(sigmas[-1]) == 0
         last = sigmas[-2] if ends_in_zero else sigmas[-1]
         if len(sigmas) > 2 or not ends_in_zero:
-            x = _adaptive(model, x, sigmas[0], last, extra_args, callback, disable, method, rtol, atol)
+            x = _adaptive(model, x, sigmas[0], last, extra_args, callback, disable, method, rtol, atol, grad)
         if not ends_in_zero:
             return x
         denoised = model(x, as_sigma(float(sigmas[-2]), x), **extra_args)
@@ -276,45 +303,54 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
             callback({"x": x, "i": len(sigmas) - 2, "sigma": sigmas[-2], "sigma_hat": sigmas[-2],
                       "denoised": denoised})
         return denoised
-    s = sigmas.tolist()  # one device sync per run; steps then branch on floats
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, as_sigma(s[i], x), **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x, _ = ode_step(model, x, s[i], s[i + 1], extra_args=extra_args, method=method, denoised=denoised)
-    return x
 
 
-@torch.no_grad()
 def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None,
               callback: Callable | None = None, disable: bool | None = None, method: str = "heun",
-              rtol: float = 1e-4, atol: float = 1e-4) -> Tensor:
+              rtol: float = 1e-4, atol: float = 1e-4, grad: str | None = None,
+              grad_last: int | None = None) -> Tensor:
     """Invert sampling: integrate the PF-ODE upward along increasing, positive ``sigmas``.
 
     ``oderevert(model, odeint(model, x, s), revert_sigmas(s)) ≈ x`` up to discretisation error and the
-    final step's σ_min·ε term (the data point is taken as the state at σ_min).
+    final step's σ_min·ε term (the data point is taken as the state at σ_min). ``grad`` and
+    ``grad_last`` as in ``odeint``.
     """
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
     model = _shape_checked(model)
-    if method in MULTISTEP_METHODS:
-        return multistep_odeint(model, x, sigmas, method, extra_args=extra_args, callback=callback,
-                                disable=disable)
-    if method in ADAPTIVE_METHODS:
-        return _adaptive(model, x, sigmas[0], sigmas[-1], extra_args, callback, disable, method, rtol, atol)
+    check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)
+    with grad_context(grad):
+        if method in MULTISTEP_METHODS:
+            return multistep_odeint(model, x, sigmas, method, extra_args=extra_args, callback=callback,
+                                    disable=disable, grad=grad, grad_last=grad_last)
+        if method in ADAPTIVE_METHODS:
+            return _adaptive(model, x, sigmas[0], sigmas[-1], extra_args, callback, disable, method, rtol, atol,
+                             grad)
+        return _fixed_grid(model, x, sigmas, method, extra_args, callback, disable, grad, grad_last)
+
+
+def _ancestral(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, generator, beta,
+               grad, grad_last) -> Tensor:
+    """The Euler-ancestral / Karras β-SDE loop of ``sdeint`` around ``sde_step``, noise fixed per path."""
     s = sigmas.tolist()  # one device sync per run; steps then branch on floats
-    for i in trange(len(sigmas) - 1, disable=disable):
+    noise_sampler = noise_sampler or (lambda sigma, sigma_next: randn_like(x, generator))
+    noise_sampler = noise_sampler if grad is None else fixed_noise(noise_sampler)
+
+    def step(i, x):
         denoised = model(x, as_sigma(s[i], x), **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x, _ = ode_step(model, x, s[i], s[i + 1], extra_args=extra_args, method=method, denoised=denoised)
-    return x
+        noise = noise_sampler(sigmas[i], sigmas[i + 1]) if needs_noise(s[i + 1], eta, beta) else None
+        x_next, _ = sde_step(model, x, s[i], s[i + 1], extra_args=extra_args, eta=eta, s_noise=s_noise,
+                             beta=beta, noise=noise, generator=generator, denoised=denoised)
+        return x_next, {"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised}, ()
+
+    return run_steps(step, x, len(s) - 1, callback=callback, disable=disable, grad=grad, grad_last=grad_last,
+                     model=model, extra_args=extra_args)
 
 
-@torch.no_grad()
 def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, callback: Callable | None = None,
            disable: bool | None = None, eta: float = 1.0, s_noise: float = 1.0,
            noise_sampler: Callable | None = None, generator: Generator = None, beta=None,
-           method: str = "ancestral", solver_type: str = "midpoint", r: float = 0.5) -> Tensor:
+           method: str = "ancestral", solver_type: str = "midpoint", r: float = 0.5,
+           grad: str | None = None, grad_last: int | None = None) -> Tensor:
     """Sample with a reverse SDE: ancestral (``eta``; DDPM at 1, DDIM at 0), Karras β-SDE (``beta``), or
     one of the DPM-Solver families (``method``).
 
@@ -331,6 +367,9 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
             ``"dpmpp_3m_sde"`` (1 per step); ``eta`` weighs the fresh noise in all of them.
         solver_type: ``"midpoint"`` or ``"heun"`` second-order term of ``dpmpp_2m_sde``.
         r: the intermediate point of ``dpmpp_sde`` as a fraction of the step in log σ.
+        grad: as in ``odeint`` (every method supports all three modes); the noise is drawn once per path
+            and reused when a step is recomputed, so the gradient is the pathwise one.
+        grad_last: with ``grad``, differentiate only the last K steps.
 
     A grid ending above 0 returns the noisy state there (a split grid).
     """
@@ -338,24 +377,18 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     model = _shape_checked(model)
     _check_sde_args(eta, beta, generator, x.shape[0])
     check_method(method, SDE_METHODS)
+    check_grad(grad, grad_last)
     if method != "ancestral":
         if beta is not None:
             raise ValueError(f"beta applies to method='ancestral' only, not {method!r}")
-        return sde_run(model, x, sigmas, method, generator=generator, noise_sampler=noise_sampler, eta=eta,
-                       extra_args=extra_args, callback=callback, disable=disable, s_noise=s_noise,
-                       solver_type=solver_type, r=r)
+        with grad_context(grad):
+            return sde_run(model, x, sigmas, method, generator=generator, noise_sampler=noise_sampler, eta=eta,
+                           extra_args=extra_args, callback=callback, disable=disable, s_noise=s_noise,
+                           solver_type=solver_type, r=r, grad=grad, grad_last=grad_last)
     max_step = float((sigmas[:-2] - sigmas[1:-1]).max()) if len(sigmas) > 2 else 0.0
     if isinstance(beta, (int, float)) and beta * max_step > 4:
         warnings.warn(f"beta={beta} with steps of up to {max_step:.3g} in σ "
                       "makes β·|Δσ| > 4: the β-SDE discretisation is inaccurate; use more steps or a smaller beta")
-    s = sigmas.tolist()  # one device sync per run; steps then branch on floats
-    for i in trange(len(sigmas) - 1, disable=disable):
-        denoised = model(x, as_sigma(s[i], x), **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        noise = None
-        if noise_sampler is not None and needs_noise(s[i + 1], eta, beta):
-            noise = noise_sampler(sigmas[i], sigmas[i + 1])
-        x, _ = sde_step(model, x, s[i], s[i + 1], extra_args=extra_args, eta=eta, s_noise=s_noise,
-                        beta=beta, noise=noise, generator=generator, denoised=denoised)
-    return x
+    with grad_context(grad):
+        return _ancestral(model, x, sigmas, extra_args, callback, disable, eta, s_noise, noise_sampler, generator,
+                          beta, grad, grad_last)

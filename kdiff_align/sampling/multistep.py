@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 from torch import Tensor
-from tqdm.auto import trange
 
 from ..utils import as_sigma
+from .grad import run_steps
 
 MULTISTEP_METHODS = ("lms", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis")
 MAX_ORDER = {"lms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3, "ipndm": 4, "deis": 3}
@@ -195,6 +195,15 @@ class MultistepSolver:
                                   if lower_order_final is None else lower_order_final)
         self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
 
+    def state(self) -> tuple:
+        """The history as a flat tuple ``(x_last, p_last, *Ds, *ds)``: the inputs of a pure step (``sampling.grad``)."""
+        return (self.x_last, self.p_last, *self.Ds, *self.ds)
+
+    def set_state(self, x_last, p_last, *history) -> None:
+        """Restore a history saved by :meth:`state` (before recomputing a step under checkpointing)."""
+        k = len(history) // 2
+        self.x_last, self.p_last, self.Ds, self.ds = x_last, p_last, list(history[:k]), list(history[k:])
+
     def correct(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
         """UniC: x_i corrected with D(x_i, σ_i) (other methods return x unchanged)."""
         if self.method != "unipc" or self.x_last is None:
@@ -215,7 +224,8 @@ class MultistepSolver:
 
 def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
                      disable=None, order: int | None = None, variant: str = "bh2",
-                     lower_order_final: bool | None = None) -> Tensor:
+                     lower_order_final: bool | None = None, grad: str | None = None,
+                     grad_last: int | None = None) -> Tensor:
     """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
 
     Args:
@@ -226,12 +236,17 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
             None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
             full order up to the hand-off, and for dpmpp_2m/deis only below 15 steps, as
             diffusers does (``default_lower_order_final``).
+        grad: a ``sampling.grad`` mode; the D history is a checkpoint input (and adjoint state).
     """
     solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final)
-    for i in trange(len(sigmas) - 1, disable=disable):
+
+    def step(i, x, *state):
+        solver.set_state(*state)
         denoised = model(x, as_sigma(solver.s[i], x), **extra_args)
         x = solver.correct(x, i, denoised)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        x = solver.step(x, i, denoised)
-    return x
+        x_next = solver.step(x, i, denoised)
+        return x_next, {"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised}, \
+            solver.state()
+
+    return run_steps(step, x, len(sigmas) - 1, state=solver.state(), callback=callback, disable=disable,
+                     grad=grad, grad_last=grad_last, model=model, extra_args=extra_args)

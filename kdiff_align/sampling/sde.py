@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torchsde
 from torch import Tensor
-from tqdm.auto import trange
 
 from ..utils import Generator, as_sigma, check_generator, randn_like
+from .grad import fixed_noise, run_steps
 
 SDE_METHODS = ("ancestral", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
 BROWNIAN_METHODS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -171,33 +171,41 @@ def dpmpp_multistep_sde_step(x, sigma, sigma_next, Ds, hs, eta, s_noise, noise, 
     return x
 
 
+def sde_family_step(model, x, s: list[float], i: int, Ds: tuple, method: str, extra_args: dict, eta: float,
+                    s_noise: float, noise_sampler: Callable, solver_type: str, r: float) -> Tensor:
+    """x_{i+1} of one of the ``SDE_METHODS`` (other than "ancestral") from x_i and Ds = (D_i, D_{i−1}, …)."""
+    denoised = Ds[0]
+    if method in ("dpm2_ancestral", "dpmpp_2s_ancestral"):
+        step = dpm2_ancestral_step if method == "dpm2_ancestral" else dpmpp_2s_ancestral_step
+        noise = lambda: noise_sampler(s[i], s[i + 1])  # noqa: E731
+        return step(model, x, s[i], s[i + 1], denoised, extra_args, eta, s_noise, noise)
+    if s[i + 1] == 0:
+        return denoised
+    if method == "dpmpp_sde":
+        return dpmpp_sde_step(model, x, s[i], s[i + 1], denoised, extra_args, eta, s_noise, noise_sampler, r)
+    hs = [_t(s[k + 1]) - _t(s[k]) for k in range(i - 1, max(i - 3, -1), -1)]  # h_{i−1}, h_{i−2}
+    order = 2 if method == "dpmpp_2m_sde" else 3
+    return dpmpp_multistep_sde_step(x, s[i], s[i + 1], list(Ds), hs, eta, s_noise, noise_sampler, order, solver_type)
+
+
 def sde_solve(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None, disable=None,
               eta: float = 1.0, s_noise: float = 1.0, noise_sampler: Callable, solver_type: str = "midpoint",
-              r: float = 0.5) -> Tensor:
-    """Run one of the ``SDE_METHODS`` (other than plain "ancestral") along ``sigmas``."""
+              r: float = 0.5, grad: str | None = None, grad_last: int | None = None) -> Tensor:
+    """Run one of the ``SDE_METHODS`` (other than plain "ancestral") along ``sigmas``, in a ``grad`` mode
+    (the noise drawn once per path; the D history a checkpoint input)."""
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {', '.join(SOLVER_TYPES)}; got {solver_type!r}")
     s = sigmas.tolist()
-    Ds, hs = [], []
-    for i in trange(len(s) - 1, disable=disable):
+    noise_sampler = noise_sampler if grad is None else fixed_noise(noise_sampler)
+
+    def step(i, x, *Ds):
         denoised = model(x, as_sigma(s[i], x), **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        Ds = [denoised] + Ds[:2]
-        if method in ("dpm2_ancestral", "dpmpp_2s_ancestral"):
-            step = dpm2_ancestral_step if method == "dpm2_ancestral" else dpmpp_2s_ancestral_step
-            noise = lambda i=i: noise_sampler(sigmas[i], sigmas[i + 1])  # noqa: E731
-            x = step(model, x, s[i], s[i + 1], denoised, extra_args, eta, s_noise, noise)
-            continue
-        if s[i + 1] == 0:
-            x = denoised
-        elif method == "dpmpp_sde":
-            x = dpmpp_sde_step(model, x, s[i], s[i + 1], denoised, extra_args, eta, s_noise, noise_sampler, r)
-        else:
-            order = 2 if method == "dpmpp_2m_sde" else 3
-            x = dpmpp_multistep_sde_step(x, s[i], s[i + 1], Ds, hs, eta, s_noise, noise_sampler, order, solver_type)
-        hs = [_t(s[i + 1]) - _t(s[i])] + hs[:1] if s[i + 1] > 0 else hs
-    return x
+        Ds = (denoised, *Ds[:2])
+        x_next = sde_family_step(model, x, s, i, Ds, method, extra_args, eta, s_noise, noise_sampler, solver_type, r)
+        return x_next, {"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised}, Ds
+
+    return run_steps(step, x, len(s) - 1, callback=callback, disable=disable, grad=grad, grad_last=grad_last,
+                     model=model, extra_args=extra_args)
 
 
 def default_sde_noise(method: str, x: Tensor, generator: Generator) -> Callable:

@@ -12,6 +12,7 @@ from ...align.demon import demon_steps, rollout_steps
 from ...align.smc import tempering_schedule
 
 BASE_STEPS, SEARCH_STEPS, DEMON_GRIDS, SMC_GRIDS = 20, 10, (20, 16, 12), (20, 10, 5)
+NOISE_OPT_STEPS = 6  # few steps, many optimiser steps: the noise-optimisation papers' trade
 ROLLOUT_C_STEPS, ODE_AFTER = 2, 0.11
 
 
@@ -81,6 +82,14 @@ def search_plan(sampler: str, budget: float) -> tuple[int, int, int] | None:
     return steps, count, (samples - 1) // count
 
 
+def noise_opt_plan(sampler: str, budget: float) -> tuple[int, int] | None:
+    """(steps, evaluations) of DNO / D-Flow: each evaluation is one forward and one backward pass through an
+    ODE of at most ``NOISE_OPT_STEPS`` steps (``grad="full"``, no recomputation); None below 2 evaluations."""
+    steps = fit_steps(sampler, budget / 2, most=NOISE_OPT_STEPS)
+    evaluations = 0 if steps is None else int(budget // (2 * ode_rows(sampler, steps)))
+    return None if evaluations < 2 else (steps, evaluations)
+
+
 def formula_nfe(name: str, pipe, budget: int, sampler: str = "heun") -> float | None:
     """The NFE per image that method ``name`` should spend at ``budget`` by its cost formula (None: no fit)."""
     family = name.split("-")[0]
@@ -96,6 +105,9 @@ def formula_nfe(name: str, pipe, budget: int, sampler: str = "heun") -> float | 
     if name == "search-zero-order":
         plan = search_plan(sampler, budget)
         return None if plan is None else (1 + plan[1] * plan[2]) * ode_rows(sampler, plan[0])
+    if name.startswith("noise-opt-"):
+        plan = noise_opt_plan(sampler, budget)
+        return None if plan is None else 2 * plan[1] * ode_rows(sampler, plan[0])
     if family == "demon":
         config = demon_config(pipe, budget, name.split("-")[2], sampler)
         return None if config is None else demon_rows(config[0], config[1], name.split("-")[2], sampler)

@@ -13,13 +13,13 @@ import torch
 from torch import Tensor
 
 from ... import sampling
-from ...align import guidance, search
+from ...align import guidance, noise_opt, search
 from ...align.demon import DEMON_TYPES, auto_beta, sample_demon
 from ...align.smc import sample_smc
 from ...models import toy
 from ...testing import CountingDenoiser
 from .costs import (BASE_STEPS, ODE_AFTER, ROLLOUT_C_STEPS, SEARCH_STEPS, demon_config, fit_steps, ode_rows,
-                    search_plan, smc_config)
+                    noise_opt_plan, search_plan, smc_config)
 
 
 @dataclass
@@ -143,6 +143,22 @@ def reward_guidance(task: Task, budget: int, generator):
     return ode_sampler(task, steps, guided)(task.noise), guided.backward_rows, f"s={task.scale:g}, {steps} steps"
 
 
+def noise_optimisation(kind: str):
+    """DNO (Adam, shell regulariser 0.1) or D-Flow (L-BFGS) on the initial noise (``align.noise_opt``), through
+    a short PF-ODE with autograd's full graph; the best evaluated sample per image is kept."""
+    def run(task: Task, budget: int, generator):
+        plan = noise_opt_plan(task.sampler, budget) if task.differentiable else None
+        if plan is None:
+            return None
+        steps, evaluations = plan
+        optimise, kw = (noise_opt.dno, dict(lr=0.1, reg=0.1)) if kind == "dno" else (noise_opt.dflow, dict(lr=0.5))
+        out = optimise(task.model, task.noise, task.pipe.sigmas(steps), task.reward, iterations=evaluations,
+                       method=task.sampler, grad="full", **kw)
+        rule = "Adam" if kind == "dno" else "L-BFGS"
+        return out["x"], out["nfe"]["backward"], f"{evaluations} {rule} evaluations, {steps} steps"
+    return run
+
+
 METHODS: dict[str, Callable] = {
     "plain-ode": plain_ode,
     "plain-sde": plain_sde,
@@ -155,4 +171,6 @@ METHODS: dict[str, Callable] = {
     "guidance-dps": reward_guidance,
     "search-random": search_random,
     "search-zero-order": search_zero_order,
+    "noise-opt-dno": noise_optimisation("dno"),
+    "noise-opt-dflow": noise_optimisation("dflow"),
 }

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ...utils import atomic_write
 
-FAMILIES = ("plain", "best_of_n", "demon", "smc", "guidance", "search")
+FAMILIES = ("plain", "best_of_n", "demon", "smc", "guidance", "search", "noise")  # noise: noise-opt-*
 
 
 def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str, seed: int) -> str:
@@ -42,7 +42,7 @@ def save_pareto(rows: list[dict], path: Path) -> None:
     reward_names = list(dict.fromkeys(r["reward_name"] for r in rows))
     names = list(dict.fromkeys(r["method"] for r in rows))
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(names), 2)))
-    markers = dict(zip(FAMILIES, "os^DvP"))
+    markers = dict(zip(FAMILIES, "os^DvPX"))
     fig, axes = plt.subplots(len(reward_names), 2, figsize=(11, 4 * len(reward_names)), squeeze=False)
     for ax_row, reward_name in zip(axes, reward_names):
         for ax, key, label in zip(ax_row, ("heldout_reward", "diversity"), ("held-out reward", "diversity")):
