@@ -146,7 +146,7 @@ def closed_problem(name: str, law, flow: bool, budgets, n: int, calib: int, peer
                         best[k], which[k] = v, f"{label}/{sched}"
         out[b] = (mine, best)
         print(f"  NFE {b:2d} tuned {tuned.method:8s} " + " ".join(f"{k} {v:.3g}" for k, v in mine.items())
-              + f" | best peer " + " ".join(f"{k} {best[k]:.3g} ({which[k]})" for k in mine)
+              + " | best peer " + " ".join(f"{k} {best[k]:.3g} ({which[k]})" for k in mine)
               + f" | tuning {tuned.tuning_nfe} NFE x {calib} rows, {seconds:.1f} s")
     return out
 
