@@ -302,20 +302,6 @@ def test_batch_equals_per_sample_loop():
     assert torch.allclose(batch, looped, rtol=1e-10, atol=1e-12)
 
 
-class CountingBackward(CountingDenoiser):
-    """A ``CountingDenoiser`` that also counts the rows each backward pass through it differentiates."""
-
-    def __init__(self, model):
-        super().__init__(model)
-        self.backward_rows = 0
-
-    def forward(self, x, sigma, **kwargs):
-        out = super().forward(x, sigma, **kwargs)
-        if out.requires_grad:
-            out.register_hook(lambda grad: setattr(self, "backward_rows", self.backward_rows + grad.shape[0]))
-        return out
-
-
 @pytest.mark.parametrize("direction, jvp_method, forward, backward", [
     ("J", "fd", 7, 0), ("J", "central", 10, 0), ("JT", "fd", 7, 3), ("Jinv", "fd", 16, 0),
     ("Jinv", "central", 28, 0), ("J", "forward_ad", 7, 0)])
@@ -324,7 +310,7 @@ def test_nfe_accounting(direction, jvp_method, forward, backward):
     differentiated through: n_iter = 3 costs 1 + 3·(JVP + 1); a JVP is 1 row per sample by "fd" (D(x) reused),
     2 by "central" (both points in one call), a Jᵀe one forward with graph + one backward, Jinv 4 CG matvecs.
     The issue's counts: JT 7 forward + 3 backward = 10 (was reported 7), central 10 (was 7)."""
-    model = CountingBackward(mixture())
+    model = CountingDenoiser(mixture())
     x = torch.randn(2, 4, generator=gen(0))
     res = newton.linear_residual(newton.Mask(torch.tensor([1.0, 0, 1, 0])), torch.ones(2, 4))
     _, _, info = newton.newton_step(model, x, 1.0, res, n_iter=3, direction=direction, jvp_method=jvp_method,
@@ -343,7 +329,7 @@ def test_nfe_accounting(direction, jvp_method, forward, backward):
 def test_sampler_nfe_and_window(sampler, direction, extra, per_iter_backward):
     """S steps with W inside the σ-window cost S + 2K·W forward rows per sample (Heun adds one per step to σ > 0)
     and, with direction="JT", K·W backward rows; info["nfe"] equals the counted rows by the NFE rule."""
-    model = CountingBackward(mixture())
+    model = CountingDenoiser(mixture())
     sigmas = ka.get_sigmas_karras(8, 0.05, 10.0)
     window = (0.3, 3.0)
     inside = sum(window[0] <= float(s) <= window[1] for s in sigmas[:-1])
@@ -429,7 +415,7 @@ def test_dps_baseline_moves_towards_constraint():
     """DPS (Jᵀe through the network, after the solver step) lowers the observed residual against the same
     seeded sampler without guidance, on the mixture (a factor 0.7 is a loose bound on one run). Its NFE are
     the counted rows: 30 forward, 29 backward (the step to σ = 0 returns x̂₀ and takes no gradient)."""
-    model = CountingBackward(mixture(4))
+    model = CountingDenoiser(mixture(4))
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0])
     y = torch.tensor([[0.5, -0.5, 0.0, 0.0]])
     sigmas = ka.get_sigmas_karras(30, 0.02, 10.0)
