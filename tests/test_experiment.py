@@ -72,6 +72,8 @@ def test_secret_names():
     assert all(map(secret_name, ["api_key", "OPENAI_API_KEY", "hfToken", "x-auth", "PASSWORD", "client_secret"]))
     assert not any(map(secret_name, ["tokenizer", "monkey", "K", "keyframe_count", "beta", "c_steps"]))
     assert env_secrets({"HF_TOKEN": "abcdefgh12", "SHORT_KEY": "abc", "PATH": "/usr/bin:/bin"}) == {"abcdefgh12"}
+    # the shell's working directory is no secret: a path under it (a --sampler file) stays in config.json
+    assert env_secrets({"PWD": "/home/me/run", "OLDPWD": "/home/me", "DB_PASSWD": "hunter2-long"}) == {"hunter2-long"}
 
 
 def test_resume_checks_config(tmp_path):

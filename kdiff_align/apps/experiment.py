@@ -44,10 +44,13 @@ def secret_name(name: str) -> bool:
     return any(w.lower() in SECRET_WORDS for w in words)
 
 
+SHELL_DIRECTORIES = {"PWD", "OLDPWD"}  # the shell's working directories: "pwd" in their names is not a password
+
+
 def env_secrets(environ=None, min_length: int = 8) -> set[str]:
     """Values of environment variables whose names look secret (values shorter than ``min_length`` ignored)."""
     environ = os.environ if environ is None else environ
-    return {v for k, v in environ.items() if secret_name(k) and len(v) >= min_length}
+    return {v for k, v in environ.items() if secret_name(k) and k not in SHELL_DIRECTORIES and len(v) >= min_length}
 
 
 def _plain(value):
