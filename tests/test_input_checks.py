@@ -8,23 +8,10 @@ import torch
 import kdiff_align as ka
 from kdiff_align.align import demon, dps, guidance, newton, smc
 from kdiff_align.cond import cfg_denoiser
-from kdiff_align.models.pipeline import Pipeline
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
+from tiny import toy_pipeline
 
 SIGMAS = ka.get_sigmas_karras(4, 0.02, 20.0)
-
-
-def toy_pipeline():
-    """Condition = a mean offset around an exact Gaussian denoiser (as in test_pipeline_api)."""
-    base = GaussianDenoiser(torch.zeros(1, 4, 4), 0.5)
-
-    def net(x, sigma, offset):
-        return base(x - offset[:, :, None, None], sigma) + offset[:, :, None, None]
-
-    def encode(prompts):
-        return {"offset": torch.tensor([[0.0 if p == "" else float(len(p)) / 4] for p in prompts])}
-
-    return Pipeline(CountingDenoiser(net), encode, (1, 4, 4), sigma_min=0.002, sigma_max=10.0)
 
 
 @pytest.mark.parametrize("weight", [math.nan, math.inf, -math.inf])

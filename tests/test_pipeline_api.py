@@ -1,21 +1,7 @@
 """The generic Pipeline (seed notebook API) on a closed-form conditional toy."""
 import torch
 
-from kdiff_align.models.pipeline import Pipeline
-from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
-
-
-def toy_pipeline():
-    """Condition = a mean offset; D is the exact Gaussian denoiser around that mean."""
-    base = GaussianDenoiser(torch.zeros(1, 4, 4), 0.5)
-
-    def net(x, sigma, offset):
-        return base(x - offset[:, :, None, None], sigma) + offset[:, :, None, None]
-
-    def encode(prompts):
-        return {"offset": torch.tensor([[0.0 if p == "" else float(len(p)) / 4] for p in prompts])}
-
-    return Pipeline(CountingDenoiser(net), encode, (1, 4, 4), sigma_min=0.002, sigma_max=10.0)
+from tiny import toy_pipeline
 
 
 def test_seed_snippets_run_and_condition_is_applied():
