@@ -13,6 +13,7 @@ from kdiff_align.align import guidance, search
 from kdiff_align.apps import arena
 from kdiff_align.apps.arena import costs, methods, scores
 from kdiff_align.apps.cli import main, parser
+from kdiff_align.sampling import TunedSampler
 from kdiff_align.testing import CountingDenoiser, GaussianDenoiser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,50 @@ def test_counted_nfe_of_every_method_matches_its_formula(pipe):
             sigmas, K=K, r_of_c=r_of_c, c_steps=costs.ROLLOUT_C_STEPS, ode_after=costs.ODE_AFTER)["network_rows"]
     assert arena.run_cell(task, "demon-tanh-rollout", 40) is None  # no Demon setting fits 40 NFE
     assert arena.run_cell(_task(pipe, "jpeg-small"), "guidance-dps", 80) is None  # no gradient of a JPEG size
+
+
+def _tiny_tuned(pipe, nfe=5):
+    """A tuned sampler without tuning: a 5-step Karras grid of the pipeline for DPM-Solver++(2M), with a
+    recorded tuning cost (the arena only reads these fields)."""
+    return TunedSampler(pipe.sigmas(nfe), "dpmpp_2m", tuning_nfe=123, info={"calibration": 4, "seconds": 1.5})
+
+
+def test_counted_nfe_with_a_tuned_sampler_matches_its_formula(pipe):
+    """Every method whose PF-ODE runs take the tuned grid pays its counted NFE per sample, as its formula says."""
+    tuned = _tiny_tuned(pipe)
+    task = _task(pipe, images=1, sampler=tuned)
+    for name in ("plain-ode", "best_of_n-ode", "search-random", "search-zero-order", "demon-tanh-rollout",
+                 "guidance-dps", "noise-opt-dno"):
+        budget = 160 if name.endswith("-rollout") else 80
+        cell = arena.run_cell(task, name, budget)
+        assert cell["nfe"] == arena.formula_nfe(name, pipe, budget, tuned) and cell["nfe"] <= budget, name
+    assert arena.run_cell(task, "plain-ode", 80)["nfe"] == 5  # the tuned grid's NFE, not 80's steps
+    best = arena.run_cell(task, "best_of_n-ode", 80)
+    assert best["nfe"] == 80 and best["reward_rows"] == 16  # 16 five-NFE samples instead of two 39-row Heun ones
+    assert arena.run_cell(task, "guidance-dps", 80)["nfe"] == 10  # each of the 5 evaluations adds a backward pass
+    # a Demon rollout from σ runs the tuned grid below σ: the formula counts those σ values, not Heun steps
+    sigmas, K = costs.demon_config(pipe, 160, "rollout", tuned)
+    assert costs.demon_rows(sigmas, K, "rollout", tuned) < costs.demon_rows(sigmas, K, "rollout", "heun")
+    assert arena.run_cell(_task(pipe, images=1, sampler=_tiny_tuned(pipe, 81)), "plain-ode", 80) is None  # no fit
+
+
+def test_arena_with_a_tuned_sampler_reports_the_tuning_cost_apart(pipe, tmp_path, capsys):
+    tuned = _tiny_tuned(pipe)
+    rows = arena.run_arena(tmp_path / "py", rewards=("classifier",), budgets=(40,), images=2,
+                           methods=["plain-ode"], sampler=tuned)
+    assert [r["nfe"] for r in rows] == [5]  # the tuning's 123 calls are in no row
+    tuning = json.loads((tmp_path / "py" / "tuning.json").read_text())
+    assert (tuning["tuning_nfe"], tuning["nfe"], tuning["seconds"], tuning["calibration"]) == (123, 5, 1.5, 4)
+    assert "tuning cost (once, not in any NFE below): 123 network calls on 4 calibration noises, 1.5 s" in \
+        (tmp_path / "py" / "arena.md").read_text()
+    tuned.save(tmp_path / "tuned.json")  # the command line loads the same sampler from its file
+    code, _ = run_cli(capsys, "--out", tmp_path / "cli", "--rewards", "classifier", "--budgets", 40, "--images", 2,
+                      "--methods", "plain-ode", "--sampler", tmp_path / "tuned.json", "--no-progress")
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert code == 0 and strip(json.loads((tmp_path / "cli" / "arena.json").read_text())) == strip(rows)
+    (tmp_path / "bad.json").write_text("{}")
+    code, err = run_cli(capsys, "--out", tmp_path / "bad", "--sampler", tmp_path / "bad.json")
+    assert code == 2 and "--sampler" in err and "\n" not in err and not (tmp_path / "bad").exists(), err
 
 
 def test_best_of_n_is_at_least_plain_on_the_same_noises(pipe, small_run):

@@ -1,10 +1,12 @@
 """The arena's cost formulas: network rows per image of each method's settings, and the fit to a budget.
 
 A backward pass through the network counts as one row; each method's hyper-parameters are the largest
-whose formula fits the budget (``tests/test_arena.py`` checks every formula against counted rows).
+whose formula fits the budget (``tests/test_arena.py`` checks every formula against counted rows). A
+``sampling.TunedSampler`` as the solver runs its own grid: its rows are its counted NFE, whatever the steps.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ... import sampling
@@ -16,29 +18,52 @@ NOISE_OPT_STEPS = 6  # few steps, many optimiser steps: the noise-optimisation p
 ROLLOUT_C_STEPS, ODE_AFTER = 2, 0.11
 
 
-def ode_rows(sampler: str, steps: int) -> int:
-    """Network rows of ``odeint`` over ``steps`` steps: (steps − 1) solver steps and the final Euler step."""
+def is_tuned(sampler) -> bool:
+    """Whether ``sampler`` is a ``sampling.TunedSampler`` (a grid of its own) rather than a method name."""
+    return hasattr(sampler, "along")
+
+
+def ode_rows(sampler, steps: int) -> int:
+    """Network rows of ``odeint`` over ``steps`` steps: (steps − 1) solver steps and the final Euler step.
+
+    A tuned sampler integrates its own grid from σ_max: its ``nfe`` rows, whatever ``steps``.
+    """
+    if is_tuned(sampler):
+        return sampler.nfe
     return (steps - 1) * sampling.NFE_PER_STEP.get(sampler, 1) + 1
 
 
-def fit_steps(sampler: str, budget: float, per_row: int = 1, most: int | None = None) -> int | None:
-    """The most steps (≥ 2, ≤ ``most``) whose ``per_row``·``ode_rows`` fits ``budget``; None if none does."""
+def tail_rows(sampler, sigma: float, steps: int) -> int:
+    """Rows of an ``odeint`` from σ down to 0 over ``steps`` steps (a tuned sampler: its grid below σ)."""
+    if is_tuned(sampler):
+        return len(sampler.along(torch.tensor([sigma, 0.0], dtype=torch.float64))) - 1
+    return ode_rows(sampler, steps)
+
+
+def fit_steps(sampler, budget: float, per_row: int = 1, most: int | None = None) -> int | None:
+    """The most steps (≥ 2, ≤ ``most``) whose ``per_row``·``ode_rows`` fits ``budget``; None if none does.
+
+    A tuned sampler has one setting: its ``nfe`` steps if they fit (``most`` does not apply), else None.
+    """
+    if is_tuned(sampler):
+        return sampler.nfe if per_row * sampler.nfe <= budget else None
     steps = 2 if per_row * ode_rows(sampler, 2) <= budget else None
     while steps is not None and (most is None or steps < most) and per_row * ode_rows(sampler, steps + 1) <= budget:
         steps += 1
     return steps
 
 
-def demon_rows(sigmas: Tensor, K: int, lookahead: str, sampler: str) -> int:
+def demon_rows(sigmas: Tensor, K: int, lookahead: str, sampler) -> int:
     """Rows per image of ``sample_demon`` here: per Demon step 2 + K + K·L, then the Heun tail 2m − 1.
 
-    L = 1 for the Tweedie look-ahead, ``ode_rows`` of the rollout (``rollout_steps`` with c = 2) else.
+    L = 1 for the Tweedie look-ahead, ``tail_rows`` of the rollout from σ_{i+1} (``rollout_steps`` with
+    c = 2) else; the tail after ``ODE_AFTER`` is Heun whatever the sampler.
     """
     steps = demon_steps(sigmas, ODE_AFTER)
     rows = 2 * (len(sigmas) - 1 - steps) - 1
     for i in range(steps):
         n = rollout_steps(float(sigmas[i + 1]), float(sigmas[-2]), float(sigmas[0]), ROLLOUT_C_STEPS)
-        rows += 2 + K + K * (1 if lookahead == "tweedie" else ode_rows(sampler, n))
+        rows += 2 + K + K * (1 if lookahead == "tweedie" else tail_rows(sampler, float(sigmas[i + 1]), n))
     return rows
 
 
@@ -52,7 +77,7 @@ def smc_rows(steps: int, n: int, guided: bool) -> tuple[int, int]:
     return n * steps, n * int((lam[1:] > 0).sum()) if guided else 0
 
 
-def demon_config(pipe, budget: float, lookahead: str, sampler: str) -> tuple[Tensor, int] | None:
+def demon_config(pipe, budget: float, lookahead: str, sampler) -> tuple[Tensor, int] | None:
     """(σ grid, K) for Demon: the first grid of ``DEMON_GRIDS`` where K = 2 fits, with the largest K that fits."""
     for steps in DEMON_GRIDS:
         sigmas = pipe.sigmas(steps)
@@ -72,7 +97,7 @@ def smc_config(budget: float, guided: bool) -> tuple[int, int] | None:
     return None
 
 
-def search_plan(sampler: str, budget: float) -> tuple[int, int, int] | None:
+def search_plan(sampler, budget: float) -> tuple[int, int, int] | None:
     """(steps, neighbours per round, rounds) of the zero-order search, or None below two samples."""
     steps = fit_steps(sampler, budget, most=SEARCH_STEPS)
     samples = 0 if steps is None else int(budget // ode_rows(sampler, steps))
@@ -82,7 +107,7 @@ def search_plan(sampler: str, budget: float) -> tuple[int, int, int] | None:
     return steps, count, (samples - 1) // count
 
 
-def noise_opt_plan(sampler: str, budget: float) -> tuple[int, int] | None:
+def noise_opt_plan(sampler, budget: float) -> tuple[int, int] | None:
     """(steps, evaluations) of DNO / D-Flow: each evaluation is one forward and one backward pass through an
     ODE of at most ``NOISE_OPT_STEPS`` steps (``grad="full"``, no recomputation); None below 2 evaluations."""
     steps = fit_steps(sampler, budget / 2, most=NOISE_OPT_STEPS)
@@ -90,7 +115,7 @@ def noise_opt_plan(sampler: str, budget: float) -> tuple[int, int] | None:
     return None if evaluations < 2 else (steps, evaluations)
 
 
-def formula_nfe(name: str, pipe, budget: int, sampler: str = "heun") -> float | None:
+def formula_nfe(name: str, pipe, budget: int, sampler="heun") -> float | None:
     """The NFE per image that method ``name`` should spend at ``budget`` by its cost formula (None: no fit)."""
     family = name.split("-")[0]
     if name == "plain-ode" or name == "guidance-dps":

@@ -30,7 +30,7 @@ class Task:
     reward: Callable[[Tensor], Tensor]
     differentiable: bool
     noise: Tensor
-    sampler: str
+    sampler: "str | sampling.TunedSampler"  # the PF-ODE solver: a method name or a tuned grid
     alpha: float
     scale: float
     seed: int

@@ -13,9 +13,20 @@ from ...utils import atomic_write
 FAMILIES = ("plain", "best_of_n", "demon", "smc", "guidance", "search", "noise")  # noise: noise-opt-*
 
 
-def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str, seed: int) -> str:
+def tuning_line(tuning: dict | None) -> list[str]:
+    """The tuned sampler's one-off cost, stated apart from every NFE column (nothing without one)."""
+    if tuning is None:
+        return []
+    seconds = "" if tuning.get("seconds") is None else f", {tuning['seconds']:.1f} s"
+    return [f"Tuned sampler `{tuning['method']}` at {tuning['nfe']} NFE per sample; tuning cost (once, not in any "
+            f"NFE below): {tuning['tuning_nfe']} network calls on {tuning.get('calibration')} calibration noises"
+            f"{seconds}.", ""]
+
+
+def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str, seed: int,
+             tuning: dict | None = None) -> str:
     """The arena table: one section per reward, one line per method and budget."""
-    lines = [f"# Arena: {images} images per cell, solver `{sampler}`, seed {seed}", "",
+    lines = [f"# Arena: {images} images per cell, solver `{sampler}`, seed {seed}", "", *tuning_line(tuning),
              "NFE = counted network rows per image (a backward pass counts as one); reward ± s.e.m. over images; "
              "held-out = the reward's held-out twin; diversity = mean pairwise distance of held-out classifier "
              "features (distinct = distinct predicted classes / min(images, 10)); FD = Fréchet distance of "
@@ -81,13 +92,16 @@ def save_grid(images: dict[str, tuple[Tensor, Tensor]], path: Path, title: str) 
 
 
 def write_outputs(out: Path, rows: list[dict], details: list[dict], grids: dict, *, images: int, sampler: str,
-                  seed: int) -> None:
-    """arena.json, arena.md, pareto.png and ``<method>.png`` (the largest budget's samples) into ``out``."""
+                  seed: int, tuning: dict | None = None) -> None:
+    """arena.json, arena.md, pareto.png and ``<method>.png`` (the largest budget's samples) into ``out``;
+    with a tuned sampler also ``tuning.json``, its one-off cost (``tuning``) reported apart from the NFE."""
     import matplotlib
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "arena.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
-    text = markdown(rows, details, images=images, sampler=sampler, seed=seed)
+    if tuning is not None:
+        atomic_write(out / "tuning.json", lambda tmp: tmp.write_text(json.dumps(tuning, indent=1)))
+    text = markdown(rows, details, images=images, sampler=sampler, seed=seed, tuning=tuning)
     atomic_write(out / "arena.md", lambda tmp: tmp.write_text(text))
     if rows:
         save_pareto(rows, out / "pareto.png")

@@ -31,7 +31,7 @@ KEYS = ("method", "reward_name", "budget_nfe", "nfe", "reward_calls", "reward_ro
         "heldout_reward", "diversity", "fidelity_fd", "seconds")
 
 
-def check_args(budgets, images: int, sampler: str, class_name: str, methods) -> list[str]:
+def check_args(budgets, images: int, sampler, class_name: str, methods) -> list[str]:
     """Fail early on bad arguments (each message names its argument); return the method names to run."""
     if not budgets or not all(isinstance(b, int) and b >= 1 for b in budgets):
         raise ValueError(f"budgets must be a non-empty list of positive ints (NFE per image), got {budgets!r}")
@@ -87,7 +87,7 @@ def check_out(out) -> Path:
 
 
 def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifier", "jpeg-small"), budgets=BUDGETS,
-              images: int = 8, methods=None, class_name: str = CLASS_NAME, sampler: str = "heun", seed: int = 0,
+              images: int = 8, methods=None, class_name: str = CLASS_NAME, sampler="heun", seed: int = 0,
               quick: bool = False, strengths: dict | None = None, log: Callable[[str], None] | None = None,
               device="cpu") -> list[dict]:
     """Every method at every budget on every reward; writes arena.json/.md, pareto.png and grids to ``out``.
@@ -103,6 +103,9 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
             ``(reward, heldout_reward)``.
         budgets: NFE per image; a method whose cheapest setting does not fit a budget has no row there.
         methods: names or families of ``METHODS`` (default all).
+        sampler: the PF-ODE solver of every method's ODE runs: a ``sampling.METHODS`` name or a
+            ``sampling.TunedSampler`` (its grid and counted NFE replace the methods' step counts; Demon's
+            rollouts use it, its tail stays Heun; its tuning cost goes to ``tuning.json``, apart).
         quick: budgets (40, 80) and 3 images, for a smoke run.
         strengths: overrides of the methods' strengths for every reward: ``alpha`` (SMC's tilt
             p·exp(r/α); default 1 for the classifier, 0.02 for JPEG sizes), ``scale`` (guidance's s;
@@ -119,8 +122,9 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
     pipe = toy.load("fashion", device)
     heldout = toy.load_heldout_classifier(device)
     resolved = resolve_rewards(pipe, rewards, class_name, heldout)
-    config = dict(rewards=list(resolved), budgets=list(budgets), images=images, methods=names, sampler=sampler,
-                  seed=seed, **({"strengths": strengths} if strengths else {}))
+    label, tuning = sampler_record(sampler)
+    config = dict(rewards=list(resolved), budgets=list(budgets), images=images, methods=names,
+                  sampler=label if tuning is None else sampler.to_dict(), seed=seed, **({"strengths": strengths} if strengths else {}))
     exp = None if folder is None else open_run(folder, config)
     noise = torch.randn(images, *pipe.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     records, finished = [], finished_cells(exp)
@@ -139,10 +143,20 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
                         log(progress_line(record))
     rows = [{k: r[k] for k in KEYS} for r in records]
     if exp is not None:
-        write_outputs(folder, rows, records, grids(exp, records, max(budgets)), images=images, sampler=sampler,
-                      seed=seed)
+        write_outputs(folder, rows, records, grids(exp, records, max(budgets)), images=images, sampler=label,
+                      seed=seed, tuning=tuning)
         exp.mark_complete()
     return rows
+
+
+def sampler_record(sampler) -> tuple[str, dict | None]:
+    """The solver's label, and for a tuned sampler its one-off tuning cost (NFE, seconds if recorded)."""
+    label = cliargs.sampler_label(sampler)
+    if not hasattr(sampler, "along"):
+        return label, None
+    return label, dict(sampler=label, method=sampler.method, nfe=sampler.nfe, tuning_nfe=sampler.tuning_nfe,
+                       tuning_rows=sampler.info.get("tuning_rows"), calibration=sampler.info.get("calibration"),
+                       seconds=sampler.info.get("seconds"))
 
 
 def check_strengths(strengths: dict | None) -> dict:
