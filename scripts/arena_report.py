@@ -29,6 +29,7 @@ BUDGETS, IMAGES, SEED, TUNE_SEED, TUNE_IMAGES = (80, 160, 320), 24, 0, 1, 8
 REWARD = "classifier:bag"
 COMMAND = (f"kdiff-align arena --rewards {REWARD} --budgets {' '.join(map(str, BUDGETS))} --images {IMAGES} "
            f"--seed {SEED} --methods {' '.join(METHODS)}")
+TUNED_SECTION = "\n## Tuned few-step samplers\n"  # written by scripts/arena_tuned.py; kept on regeneration
 GRIDS = {"demon-tanh-tweedie": ("tau", ["adaptive", 1.0, 4.0]), "search-zero-order": ("step", [0.25, 0.5, 1.0])}
 DEFAULTS = {"tau": "adaptive", "step": 0.5}
 
@@ -135,7 +136,9 @@ def write_doc(main_cells: dict, s2: dict, chosen: dict, tuned: dict, out: Path) 
         n_comparisons=len(comps), false_positives=max(1, round(0.05 * len(comps))),
         findings="\n".join(f"- {label} at {b} NFE, {what} reward: {m:+.3f} (95% interval {m - h:+.3f} to "
                            f"{m + h:+.3f}, {n} paired images)." for label, b, what, _, (m, h, n) in significant))
-    (ROOT / "docs" / "arena.md").write_text(text)
+    old = (ROOT / "docs" / "arena.md").read_text()
+    kept = old[old.index(TUNED_SECTION):] if TUNED_SECTION in old else ""
+    (ROOT / "docs" / "arena.md").write_text(text.rstrip("\n") + "\n" + kept)
     print(f"wrote {ROOT / 'docs' / 'arena.md'}: {len(significant)} of {len(comps)} differences significant")
 
 

@@ -1,0 +1,79 @@
+"""docs/arena.md's section on tuned few-step samplers: the selection methods at 80 NFE on a tuned grid
+against the same methods on the default Heun grids, same noises, paired 95% intervals.
+
+    kdiff-align tune --model toy:fashion --nfe 6 --calib 32 --seed 1000 --out arena_tuned_out/tuned6.json
+    python scripts/arena_tuned.py --sampler arena_tuned_out/tuned6.json --out arena_tuned_out
+
+The arena samples unconditionally (null class); the calibration noises (seed 1000) are not the arena's
+images (seed 0). Both run folders resume; the section replaces the one at the end of docs/arena.md
+(``scripts/arena_report.py`` keeps it when it regenerates the page).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from arena_report import IMAGES, REWARD, SEED, TUNED_SECTION, cells, paired
+
+from kdiff_align.apps.arena import run_arena
+from kdiff_align.sampling import TunedSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["plain-ode", "best_of_n-ode", "search-random", "search-zero-order"]
+BUDGET, TARGET = 80, 1.0
+
+
+def run(folder: Path, sampler, images: int) -> dict:
+    run_arena(folder, rewards=(REWARD,), budgets=(BUDGET,), images=images, seed=SEED, methods=METHODS,
+              sampler=sampler, log=lambda line: print(line, flush=True))
+    return cells(folder)
+
+
+def section(tuned: TunedSampler, heun: dict, fast: dict, command: str, images: int) -> str:
+    """The markdown section: both tables, the paired differences, the verdict on the issue's target."""
+    lines = [TUNED_SECTION.strip(), "", f"Written by `{command}` (after `kdiff-align tune --model toy:fashion "
+             f"--nfe {tuned.nfe} --calib {tuned.info.get('calibration')} --seed {tuned.info.get('seed')} --out "
+             f"...`). Tuned sampler: `{tuned.method}` on {tuned.nfe} σ values "
+             f"({', '.join(f'{s:.3g}' for s in tuned.sigmas.tolist())}); tuning cost, once and in no NFE below: "
+             f"{tuned.tuning_nfe} network calls on the {tuned.info.get('calibration')} calibration noises "
+             f"(seed {tuned.info.get('seed')}; the arena's images are seed {SEED}), "
+             f"{tuned.info.get('seconds', float('nan')):.0f} s at one thread. Same {images} noises for both "
+             f"solvers, budget {BUDGET} NFE, reward `{REWARD}`.", "",
+             "| method | solver | NFE | reward ± s.e.m. | held-out | FD | settings |", "|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        for label, found in (("heun", heun), ("tuned", fast)):
+            r = found[m, BUDGET]
+            lines.append(f"| {m} | {label} | {r['nfe']:.1f} | {r['reward']:+.3f} ± {r['reward_sem']:.3f} | "
+                         f"{r['heldout_reward']:+.3f} | {r['fidelity_fd']:.1f} | {r['hyper']} |")
+    lines += ["", "Paired per-image differences, tuned − Heun (95% t-interval):", "",
+              "| method | reward | mean difference | 95% interval | pairs | FD tuned − Heun |", "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        for key, what in (("rewards", "target"), ("heldout_rewards", "held-out")):
+            mean, half, n = paired(fast[m, BUDGET], heun[m, BUDGET], key)
+            fd = fast[m, BUDGET]["fidelity_fd"] - heun[m, BUDGET]["fidelity_fd"]
+            lines.append(f"| {m} | {what} | {mean:+.3f} | [{mean - half:+.3f}, {mean + half:+.3f}] | {n} | {fd:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sampler", type=Path, required=True, help="the tuned sampler's JSON (kdiff-align tune)")
+    p.add_argument("--out", type=Path, default=Path("arena_tuned_out"))
+    p.add_argument("--images", type=int, default=IMAGES)
+    args = p.parse_args(argv)
+    tuned = TunedSampler.load(args.sampler)
+    heun = run(args.out / "heun", "heun", args.images)
+    fast = run(args.out / "tuned", tuned, args.images)
+    command = f"python scripts/arena_tuned.py --sampler {args.sampler} --out {args.out} --images {args.images}"
+    text = section(tuned, heun, fast, command, args.images)
+    print(text)
+    doc = ROOT / "docs" / "arena.md"
+    old = doc.read_text()
+    kept = old[:old.index(TUNED_SECTION)] if TUNED_SECTION in old else old.rstrip("\n") + "\n"
+    doc.write_text(kept + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
