@@ -32,7 +32,15 @@ def run(folder: Path, sampler, images: int) -> dict:
 
 def section(tuned: TunedSampler, heun: dict, fast: dict, command: str, images: int) -> str:
     """The markdown section: both tables, the paired differences, the verdict on the issue's target."""
-    lines = [TUNED_SECTION.strip(), "", f"Written by `{command}` (after `kdiff-align tune --model toy:fashion "
+    lines = [TUNED_SECTION.strip(), "",
+             "`kdiff-align arena --sampler tuned.json` (or `run_arena(sampler=TunedSampler.load(...))`) runs every "
+             "method's PF-ODE on the tuned grid: plain, best-of-N and search samples, guidance's guided ODE, the "
+             "noise optimisers' ODE and Demon's rollout look-aheads (its tail after σ = 0.11 stays Heun). Each "
+             "method's settings are fitted to the budget with the tuned sampler's counted NFE (one row per σ "
+             "step; `tests/test_arena.py` checks the counted rows against the formulas); the tuning cost is "
+             "written apart, to `tuning.json` and the head of `arena.md`. SMC and ancestral sampling integrate "
+             "no PF-ODE and are unchanged.", "",
+             f"Written by `{command}` (after `kdiff-align tune --model toy:fashion "
              f"--nfe {tuned.nfe} --calib {tuned.info.get('calibration')} --seed {tuned.info.get('seed')} --out "
              f"...`). Tuned sampler: `{tuned.method}` on {tuned.nfe} σ values "
              f"({', '.join(f'{s:.3g}' for s in tuned.sigmas.tolist())}); tuning cost, once and in no NFE below: "
