@@ -107,6 +107,10 @@ def test_arena_with_a_tuned_sampler_reports_the_tuning_cost_apart(pipe, tmp_path
     (tmp_path / "bad.json").write_text("{}")
     code, err = run_cli(capsys, "--out", tmp_path / "bad", "--sampler", tmp_path / "bad.json")
     assert code == 2 and "--sampler" in err and "\n" not in err and not (tmp_path / "bad").exists(), err
+    other = TunedSampler(torch.tensor([14.6, 1.0, 0.1, 0.0]), "dpmpp_2m")  # tuned for another model's σ_max
+    with pytest.raises(ValueError, match="sampler: a tuned grid from sigma_max=80"):
+        arena.run_arena(tmp_path / "other", budgets=(40,), images=2, methods=["plain-ode"], sampler=other)
+    assert not (tmp_path / "other").exists()
 
 
 def test_best_of_n_is_at_least_plain_on_the_same_noises(pipe, small_run):

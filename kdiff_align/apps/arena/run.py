@@ -120,6 +120,7 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
     strengths = check_strengths(strengths)
     folder = None if out is None else check_out(out)
     pipe = toy.load("fashion", device)
+    check_tuned(sampler, pipe)
     heldout = toy.load_heldout_classifier(device)
     resolved = resolve_rewards(pipe, rewards, class_name, heldout)
     label, tuning = sampler_record(sampler)
@@ -147,6 +148,14 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
                       seed=seed, tuning=tuning)
         exp.mark_complete()
     return rows
+
+
+def check_tuned(sampler, pipe) -> None:
+    """A tuned sampler must start at the arena model's σ_max (its grid, and so its counted NFE, is for that)."""
+    start, sigma_max = (float(sampler.sigmas[0]), float(pipe.sigmas(2)[0])) if hasattr(sampler, "along") else (1, 1)
+    if abs(start / sigma_max - 1) > 1e-4:
+        raise ValueError(f"sampler: a tuned grid from sigma_max={sigma_max:g} (tune it on toy:fashion), "
+                         f"got one from {start:g}")
 
 
 def sampler_record(sampler) -> tuple[str, dict | None]:
