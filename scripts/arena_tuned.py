@@ -5,7 +5,8 @@ against the same methods on the default Heun grids, same noises, paired 95% inte
     python scripts/arena_tuned.py --sampler scripts/arena_tuned6.json --out arena_tuned_out --images 16
 
 The arena samples unconditionally (null class); the calibration noises (seed 1000) are not the arena's
-images (seed 0). Both run folders resume; the section replaces the one at the end of docs/arena.md (its Finding paragraph is written by hand)
+images (seed 0). Both run folders resume; the section replaces the one at the end of docs/arena.md (its Finding paragraph is
+written by hand)
 (``scripts/arena_report.py`` keeps it when it regenerates the page).
 """
 from __future__ import annotations
@@ -55,7 +56,8 @@ def section(tuned: TunedSampler, heun: dict, fast: dict, command: str, images: i
             lines.append(f"| {m} | {label} | {r['nfe']:.1f} | {r['reward']:+.3f} ± {r['reward_sem']:.3f} | "
                          f"{r['heldout_reward']:+.3f} | {r['fidelity_fd']:.1f} | {r['hyper']} |")
     lines += ["", "Paired per-image differences, tuned − Heun (95% t-interval):", "",
-              "| method | reward | mean difference | 95% interval | pairs | FD tuned − Heun |", "|---|---|---|---|---|---|"]
+              "| method | reward | mean difference | 95% interval | pairs | FD tuned − Heun |",
+              "|---|---|---|---|---|---|"]
     for m in METHODS:
         for key, what in (("rewards", "target"), ("heldout_rewards", "held-out")):
             mean, half, n = paired(fast[m, BUDGET], heun[m, BUDGET], key)

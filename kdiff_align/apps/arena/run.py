@@ -125,7 +125,8 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
     resolved = resolve_rewards(pipe, rewards, class_name, heldout)
     label, tuning = sampler_record(sampler)
     config = dict(rewards=list(resolved), budgets=list(budgets), images=images, methods=names,
-                  sampler=label if tuning is None else sampler.to_dict(), seed=seed, **({"strengths": strengths} if strengths else {}))
+                  sampler=label if tuning is None else sampler.to_dict(), seed=seed,
+                  **({"strengths": strengths} if strengths else {}))
     exp = None if folder is None else open_run(folder, config)
     noise = torch.randn(images, *pipe.latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     records, finished = [], finished_cells(exp)
