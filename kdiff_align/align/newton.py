@@ -515,7 +515,8 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         sampler: ``"ddim"`` (ancestral kernel with ``eta``; the reference's single-step-β noise is
             η ≈ 0.16), ``"euler"``, ``"heun"`` or a multistep PF-ODE solver (``"dpmpp_2m"``,
             ``"dpmpp_3m"``, ``"deis"``, ``"lms"``, ``"ipndm"``; one evaluation per step, with the
-            post-constraint x̂₀ as their history).
+            post-constraint x̂₀ as their history), or a ``TunedSampler``: its solver on its grid, without its
+            fitted corrections (they pull towards the unconstrained teacher, against the constraint).
         window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``;
             one that selects no step σ_i of the grid is rejected (``check_window``).
         sigma_data: the data's RMS scale for ``utils.check_state`` after every Newton iteration and solver
@@ -526,6 +527,8 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         constraint, NaN outside the window) and ``info["nfe"]``: forward and backward evaluations per
         sample, counted, and their total by the NFE rule (``utils.nfe_summary``).
     """
+    if hasattr(sampler, "along"):  # a TunedSampler: its solver on its grid
+        sigmas, sampler = sampler.along(sigmas), sampler.method
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     check_window(window, sigmas)
     check_lr(lr)

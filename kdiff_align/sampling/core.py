@@ -277,10 +277,11 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
             fixed grids, torchdiffeq's ``odeint_adjoint`` for the adaptive methods); see ``sampling.grad``.
         grad_last: with ``grad``, differentiate only the last K steps (DRaFT-K).
         solver_kw: multistep options: ``order``, ``variant`` (UniPC "bh1"/"bh2"),
-            ``lower_order_final``.
+            ``lower_order_final``, ``corrections``.
     """
     if hasattr(method, "along"):
-        sigmas, solver_kw, method = method.along(sigmas), {**method.solver_kw, **solver_kw}, method.method
+        sigmas = method.along(sigmas)
+        solver_kw, method = {**method.options(sigmas), **solver_kw}, method.method
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True, end_zero=False)
     model = _shape_checked(model)
     check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)

@@ -150,6 +150,28 @@ def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     return ends_in_zero and method not in ("lms", "ipndm")
 
 
+def check_corrections(corrections, steps: int) -> list[list[float]] | None:
+    """Per-step correction weights: ``steps`` rows of at most ``len(CORRECTION_FEATURES)`` finite floats."""
+    if corrections is None:
+        return None
+    rows = [list(map(float, row)) for row in corrections] if isinstance(corrections, (list, tuple)) else None
+    if rows is None or len(rows) != steps or any(len(r) > len(CORRECTION_FEATURES) for r in rows) \
+            or not all(math.isfinite(v) for r in rows for v in r):
+        raise ValueError(f"corrections must be {steps} rows (one per step) of at most {len(CORRECTION_FEATURES)} "
+                         f"finite weights {CORRECTION_FEATURES}; got {corrections!r:.200}")
+    return rows
+
+
+CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i")
+
+
+def correction(weights: list[float], x: Tensor, Ds: list[Tensor]) -> Tensor | float:
+    """The fitted per-step term Σ w_k·f_k over f = (D_i, D_{i−1}, x_i) (S4S-style learned coefficients;
+    D_{i−1} is D_i on the first step)."""
+    features = (Ds[0], Ds[1] if len(Ds) > 1 else Ds[0], x)
+    return sum(w * f for w, f in zip(weights, features) if w != 0.0)
+
+
 def check_order(method: str, order: int | None) -> int:
     """The order to use: ``DEFAULT_ORDER`` when None, else 1 … ``MAX_ORDER[method]``."""
     order = DEFAULT_ORDER[method] if order is None else order
@@ -185,7 +207,7 @@ class MultistepSolver:
     """
 
     def __init__(self, method: str, s: list[float], order: int | None = None, variant: str = "bh2",
-                 lower_order_final: bool | None = None):
+                 lower_order_final: bool | None = None, corrections: list[list[float]] | None = None):
         if method not in MULTISTEP_METHODS:
             raise ValueError(f"method must be one of {', '.join(MULTISTEP_METHODS)}; got {method!r}")
         if variant not in UNIPC_VARIANTS:
@@ -194,6 +216,7 @@ class MultistepSolver:
         self.lower_order_final = (default_lower_order_final(method, len(s) - 1, s[-1] == 0)
                                   if lower_order_final is None else lower_order_final)
         self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
+        self.corrections = check_corrections(corrections, len(s) - 1)
 
     def state(self) -> tuple:
         """The history as a flat tuple ``(x_last, p_last, *Ds, *ds)``: the inputs of a pure step (``sampling.grad``)."""
@@ -212,20 +235,22 @@ class MultistepSolver:
 
     def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
         """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
-        ``lower_order_final`` is False)."""
+        ``lower_order_final`` is False), plus the fitted ``corrections[i]`` term when there are any."""
         s, keep = self.s, MAX_ORDER[self.method] - 1
         self.Ds, self.ds = [denoised] + self.Ds[:keep], [(x - denoised) / s[i]] + self.ds[:keep]
         if s[i + 1] == 0 and (self.lower_order_final or self.method not in ("lms", "ipndm")):
-            return denoised
-        p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
-        self.x_last, self.p_last = x, p
-        return multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant)
+            x_next = denoised
+        else:
+            p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
+            self.x_last, self.p_last = x, p
+            x_next = multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant)
+        return x_next if self.corrections is None else x_next + correction(self.corrections[i], x, self.Ds)
 
 
 def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
                      disable=None, order: int | None = None, variant: str = "bh2",
-                     lower_order_final: bool | None = None, grad: str | None = None,
-                     grad_last: int | None = None) -> Tensor:
+                     lower_order_final: bool | None = None, corrections: list[list[float]] | None = None,
+                     grad: str | None = None, grad_last: int | None = None) -> Tensor:
     """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
 
     Args:
@@ -236,9 +261,11 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
             None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
             full order up to the hand-off, and for dpmpp_2m/deis only below 15 steps, as
             diffusers does (``default_lower_order_final``).
+        corrections: per-step weights of D_i, D_{i−1}, x_i added to each step (fitted by ``tune_sampler``
+            to one grid; ``CORRECTION_FEATURES``).
         grad: a ``sampling.grad`` mode; the D history is a checkpoint input (and adjoint state).
     """
-    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final)
+    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final, corrections)
 
     def step(i, x, *state):
         solver.set_state(*state)

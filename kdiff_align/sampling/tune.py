@@ -24,7 +24,7 @@ from ..schedules import get_sigmas_exponential, get_sigmas_karras
 from ..testing import CountingDenoiser
 from ..utils import as_sigma, atomic_write, check_finite, check_sigmas
 from .core import check_method, odeint
-from .multistep import MULTISTEP_METHODS, MultistepSolver, multistep_odeint
+from .multistep import MULTISTEP_METHODS, MultistepSolver, correction, multistep_odeint
 
 TUNE_METHODS = ("ipndm", "dpmpp_2m", "unipc", "deis")
 FORMAT = "kdiff_align.TunedSampler/1"
@@ -72,6 +72,12 @@ class TunedSampler:
             inner = inner[:-1]
         return torch.tensor([start, *inner, end], dtype=torch.float64, device=sigmas.device)
 
+    def options(self, sigmas: Tensor) -> dict:
+        """The solver options for a grid from ``along``: the fitted ``corrections`` belong to the whole tuned
+        grid, so a part of it (a later start, an ODE tail) runs the plain solver."""
+        whole = len(sigmas) == len(self.sigmas) and bool((sigmas.cpu().double() == self.sigmas).all())
+        return {k: v for k, v in self.solver_kw.items() if k != "corrections" or whole}
+
     def __repr__(self) -> str:
         grid = ", ".join(f"{s:.4g}" for s in self.sigmas.tolist())
         return f"TunedSampler(method={self.method!r}, nfe={self.nfe}, sigmas=[{grid}])"
@@ -115,19 +121,25 @@ def _check_tune_inputs(model, x_T, nfe, extra_args, method) -> tuple[tuple[str, 
     return methods, {} if extra_args is None else extra_args
 
 
-def teacher_solve(model, x_T: Tensor, s: list[float], substeps: int, extra_args: dict, disable=None):
-    """Teacher states x and D at each candidate σ in ``s`` (decreasing, > 0) and the final sample.
+def teacher_solve(model, x_T: Tensor, s: list[float], substeps, extra_args: dict, disable=None):
+    """Teacher states x and D at each σ in ``s`` (decreasing, > 0) and the final sample.
 
-    DPM-Solver++(3M) with ``substeps`` log-uniform steps between candidates, ending with x = D(x, s[-1]).
+    DPM-Solver++(3M) with ``substeps`` log-uniform steps between neighbours (an int, or one count per
+    interval), ending with x = D(x, s[-1]).
     """
-    fine = [math.exp(a + (b - a) * k / substeps) for a, b in zip(np.log(s[:-1]), np.log(s[1:]))
-            for k in range(substeps)] + [s[-1], 0.0]
+    counts = [substeps] * (len(s) - 1) if isinstance(substeps, int) else list(substeps)
+    fine, marks = [], set()
+    for a, b, k in zip(s[:-1], s[1:], counts):
+        marks.add(len(fine))
+        fine += [a] + [math.exp(math.log(a) + (math.log(b) - math.log(a)) * j / k) for j in range(1, k)]
+    marks.add(len(fine))
+    fine += [s[-1], 0.0]
     solver, x, states, Ds = MultistepSolver("dpmpp_3m", fine), x_T, [], []
     for i in trange(len(fine) - 1, disable=disable, desc="teacher"):
         denoised = model(x, as_sigma(fine[i], x), **extra_args)
         if not torch.isfinite(denoised).all():
             raise ValueError(f"model returned NaN or infinite values at sigma={fine[i]:.4g} (teacher solve)")
-        if i % substeps == 0:
+        if i in marks:
             states.append(x)
             Ds.append(denoised)
         x = solver.step(x, i, denoised)
@@ -178,17 +190,50 @@ def _theta_of(grid: list[float], log_min: float) -> np.ndarray:
     return np.log(inc)
 
 
-def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict) -> float:
+def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
+                corrections: list | None = None, rms: bool = False) -> float:
     """Mean log per-sample L2 error of ``method`` on ``grid`` against the teacher's final samples.
 
     The log (a geometric mean) weighs the typical item, as the median does: at 5–10 NFE per-item errors
     span decades, and on multimodal data a few items near a mode boundary would dominate a plain mean.
+    With ``rms`` the root mean square error instead (the outliers' measure).
     """
     sigmas = torch.tensor(grid, dtype=torch.float64)
     out = multistep_odeint(model, x_T, sigmas, method, extra_args=extra_args, disable=True,
-                           lower_order_final=True)
-    err = float(_per_item((out - x0).unsqueeze(0)).double().clamp_min(1e-300).log().mean())
+                           lower_order_final=True, corrections=corrections)
+    err = _per_item((out - x0).unsqueeze(0)).double()
+    err = float(err.pow(2).mean().sqrt() if rms else err.clamp_min(1e-300).log().mean())
     return err if math.isfinite(err) else math.inf
+
+
+def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, per_unit: float,
+                    ridge: float = 1e-3) -> list[list[float]]:
+    """Per-step correction weights fitted to teacher states on ``grid`` (S4S-style, by least squares).
+
+    Step by step along the solver's own trajectory, the weights w_i of (D_i, D_{i−1}, x_i) minimise
+    ‖base step + Σ w·f − x*_{i+1}‖² + ridge·Σ w_k²·‖f_k‖² over the calibration batch, x* the teacher's
+    state at σ_{i+1} (``per_unit`` teacher steps per unit of log σ): each step pulls the trajectory back
+    onto the teacher's, the last one onto its final sample.
+    """
+    s = grid[:-1]
+    counts = [max(2, math.ceil(per_unit * math.log(a / b))) for a, b in zip(s[:-1], s[1:])]
+    states, _, x0 = teacher_solve(model, x_T, s, counts, extra_args, disable=True)
+    targets = [*states[1:], x0]
+    solver, x, weights = MultistepSolver(method, grid, lower_order_final=True), x_T, []
+    for i in range(len(grid) - 1):
+        denoised = model(x, as_sigma(grid[i], x), **extra_args)
+        x = solver.correct(x, i, denoised)
+        base = solver.step(x, i, denoised)
+        Ds = solver.Ds
+        features = torch.stack([f.flatten().double() for f in (Ds[0], Ds[1] if len(Ds) > 1 else Ds[0], x)], 1)
+        if len(Ds) == 1:
+            features[:, 1] = 0.0  # D_{i−1} does not exist on the first step
+        gram = features.T @ features
+        gram += ridge * torch.diag(gram.diag().clamp_min(1e-300))
+        w = torch.linalg.lstsq(gram, features.T @ (targets[i] - base).flatten().double()).solution
+        weights.append(w.tolist())
+        x = base + correction(weights[-1], x, Ds)
+    return weights
 
 
 def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) -> tuple[list[float], float]:
@@ -201,11 +246,31 @@ def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) ->
     return _grid_of(res.x, grid[0], log_min), float(res.fun)
 
 
+def search_grids(objective, starts: dict, methods, nfe: int, log_min: float, max_evals: int, refine: int) -> tuple:
+    """Errors of every (solver, start grid), then Nelder–Mead refinement of the ``refine`` solvers whose best
+    start is best, each from that start; returns the errors and the refined grids by solver."""
+    errors = {(m, k): objective(m)(g) for m in methods for k, g in starts.items()}
+    best_start = {m: min(starts, key=lambda k: errors[m, k]) for m in methods}
+    ranked = sorted(methods, key=lambda m: errors[m, best_start[m]])
+    refined = {}
+    for m in ranked[:refine] if nfe > 1 and max_evals > 0 else ():
+        grid = starts[best_start[m]]
+        for _ in range(2):  # a restart helps Nelder–Mead out of a collapsed simplex
+            grid, error = refine_grid(objective(m), grid, log_min, max_evals // 2)
+        refined[m], errors[m, "refined"] = grid, error
+    return errors, refined
+
+
 @torch.no_grad()
 def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None, sigma_min: float | None = None,
-                 sigma_max: float | None = None, method=None, disable: bool | None = None, candidates: int = 40,
-                 substeps: int = 4, max_evals: int | None = None) -> TunedSampler:
-    """Fit an ``nfe``-step grid and solver to ``model`` on calibration noises (GITS DP + end-to-end fit).
+                 sigma_max: float | None = None, method=None, disable: bool | None = None, candidates: int = 24,
+                 substeps: int = 4, max_evals: int | None = None, refine: int = 2,
+                 corrections: bool = True) -> TunedSampler:
+    """Fit an ``nfe``-step grid, solver and per-step corrections to ``model`` on calibration noises.
+
+    GITS dynamic programming over a teacher solve, end-to-end Nelder–Mead refinement of the grid, then
+    per-step correction weights fitted to the teacher (``fit_corrections``), kept only if they lower the
+    calibration error, both its mean log and its RMS.
 
     Args:
         x_T: calibration noises ``[n, ...]`` already scaled to σ_max (n ≥ 2; 32–256 typical).
@@ -215,10 +280,43 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         method: a multistep solver name or a tuple of names to choose from (default ``TUNE_METHODS``).
         candidates: number of log-uniform candidate σ values of the DP; ``substeps`` teacher steps
             between neighbours (teacher: DPM-Solver++(3M), ``(candidates − 1)·substeps + 1`` evaluations).
-        max_evals: end-to-end sampler runs of each solver's refinement (default 40 per free σ); 0 keeps
-            the best start (GITS, Karras ρ = 7 or exponential grid).
+        max_evals: end-to-end sampler runs of each refined solver (default 32); 0 keeps the
+            best start (GITS, Karras ρ = 5, 7, 9 or exponential grid).
+        refine: how many solvers to refine, those whose best start is best first.
+        corrections: fit per-step correction weights (S4S-style) on the chosen grid.
     """
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method)
+    sigma_min, sigma_max = _sigma_range(model, x_T, sigma_min, sigma_max)
+    counted, clock = CountingDenoiser(model), time.perf_counter()
+    s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
+    s[0], s[-1] = sigma_max, sigma_min  # exactly, not through exp(log(·))
+    states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
+    teacher_nfe = counted.calls
+    starts = {"gits": gits_grid(s, states, Ds, x0, nfe),
+              **{f"karras{rho}": get_sigmas_karras(nfe, sigma_min, sigma_max, rho).double().tolist()
+                 for rho in (5, 7, 9)},
+              "exponential": get_sigmas_exponential(nfe, sigma_min, sigma_max).double().tolist()}
+    del states, Ds
+    objective = lambda m: lambda g, w=None: final_error(counted, x_T, x0, g, m, extra_args, w)  # noqa: E731
+    errors, refined = search_grids(objective, starts, methods, nfe, math.log(sigma_min),
+                                   32 if max_evals is None else max_evals, refine)
+    (best, start), error = min(errors.items(), key=lambda kv: kv[1])  # never worse than a start
+    grid, solver_kw = refined[best] if start == "refined" else starts[start], {"lower_order_final": True}
+    if corrections:  # kept only if they lower both the typical (mean log) and the RMS calibration error
+        per_unit = substeps * (len(s) - 1) / math.log(sigma_max / sigma_min)
+        weights = fit_corrections(counted, x_T, grid, best, extra_args, per_unit)
+        errors[best, "corrected"] = objective(best)(grid, weights)
+        rms = [final_error(counted, x_T, x0, grid, best, extra_args, w, rms=True) for w in (None, weights)]
+        if errors[best, "corrected"] < error and rms[1] < rms[0]:
+            solver_kw["corrections"], error = weights, errors[best, "corrected"]
+    info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
+            "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
+            "sigma_max": sigma_max, "tuning_rows": counted.rows, "seconds": round(time.perf_counter() - clock, 3)}
+    return TunedSampler(grid, best, solver_kw=solver_kw, tuning_nfe=counted.calls, info=info)
+
+
+def _sigma_range(model, x_T: Tensor, sigma_min, sigma_max) -> tuple[float, float]:
+    """The grid's σ range: the arguments, else the model's attributes, else 0.002 and the RMS of x_T."""
     if sigma_max is None:
         sigma_max = getattr(model, "sigma_max", None) or x_T.pow(2).mean().sqrt()
     if sigma_min is None:
@@ -226,27 +324,4 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     sigma_min, sigma_max = float(sigma_min), float(sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    counted, clock = CountingDenoiser(model), time.perf_counter()
-    s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
-    s[0], s[-1] = sigma_max, sigma_min  # exactly, not through exp(log(·))
-    states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
-    teacher_nfe = counted.calls
-    starts = {"gits": gits_grid(s, states, Ds, x0, nfe),
-              "karras": get_sigmas_karras(nfe, sigma_min, sigma_max).double().tolist(),
-              "exponential": get_sigmas_exponential(nfe, sigma_min, sigma_max).double().tolist()}
-    del states, Ds
-    objective = lambda m: lambda g: final_error(counted, x_T, x0, g, m, extra_args)  # noqa: E731
-    errors = {(m, k): objective(m)(g) for m in methods for k, g in starts.items()}
-    evals, refined = 40 * (nfe - 1) if max_evals is None else max_evals, {}
-    for m in methods if nfe > 1 and evals > 0 else ():  # each solver from its best start: their ranking
-        grid = starts[min(starts, key=lambda k: errors[m, k])]  # before refinement does not predict after
-        for _ in range(2):  # a restart helps Nelder–Mead out of a collapsed simplex
-            grid, error = refine_grid(objective(m), grid, math.log(sigma_min), evals // 2)
-        refined[m] = grid
-        errors[m, "refined"] = error
-    (best, start), error = min(errors.items(), key=lambda kv: kv[1])  # never worse than a start
-    grid = refined[best] if start == "refined" else starts[start]
-    info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
-            "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
-            "sigma_max": sigma_max, "tuning_rows": counted.rows, "seconds": round(time.perf_counter() - clock, 3)}
-    return TunedSampler(grid, best, solver_kw={"lower_order_final": True}, tuning_nfe=counted.calls, info=info)
+    return sigma_min, sigma_max
