@@ -133,7 +133,8 @@ def closed_problem(name: str, law, flow: bool, budgets, n: int, calib: int, peer
           f"{n} items, tuned on {calib} others)")
     for b in budgets:
         clock = time.perf_counter()
-        tuned = ka.tune_sampler(model, x_cal, b, sigma_min=sigma_min, sigma_max=sigma_max)
+        tuned = ka.tune_sampler(model, x_cal, b, sigma_min=sigma_min, sigma_max=sigma_max, candidates=40,
+                                max_evals=40 * (b - 1), refine=len(ka.sampling.TUNE_METHODS))  # cheap models
         seconds = time.perf_counter() - clock
         mine = scores(tuned(model, x_eval, disable=True), ref, law)
         best, which = {}, {}
@@ -214,7 +215,7 @@ def run_model(args) -> None:
     for b in args.budgets:
         clock = time.perf_counter()
         tuned = ka.tune_sampler(D_cal, x_cal, b, sigma_min=pipe.sigma_min, sigma_max=pipe.sigma_max,
-                                method=("unipc", "deis", "dpmpp_2m"), candidates=24, max_evals=args.max_evals)
+                                max_evals=args.max_evals)  # the defaults: what `kdiff-align tune` runs
         seconds = time.perf_counter() - clock
         mine = scores(tuned(D_eval, x_eval, disable=True), ref)["median"]
         best = min((scores(f(D_eval, x_eval, g(steps).to(x_eval.dtype)), ref)["median"], f"{label}/{sched}", label, sched)
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calib", type=int, default=None, help="calibration noises (closed: 128, model: 32)")
     parser.add_argument("--model", default="fashion", choices=("fashion", "fashion_latent"))
     parser.add_argument("--cfg", type=float, default=0.0, help="CFG weight (0: unconditional)")
-    parser.add_argument("--max-evals", type=int, default=30, help="model: refinement sampler runs")
+    parser.add_argument("--max-evals", type=int, default=None, help="model: refinement runs (tune_sampler's default)")
     parser.add_argument("--fd", type=int, default=1000, help="model: samples for the Fréchet distance (0: skip)")
     parser.add_argument("--fd-nfe", type=int, default=6)
     args = parser.parse_args(argv)

@@ -4,8 +4,8 @@
     kdiff-align generate --model toy:fashion --prompt sneaker --sampler tuned.json --out runs/fast
 
 ``sampling.tune_sampler`` solves the PF-ODE finely from ``--calib`` seeded noises (the teacher) and fits
-the σ grid and solver of an ``--nfe``-evaluation sampler to its final samples (GITS dynamic
-programming, then an end-to-end refinement). Tune per guidance scale: a grid fitted at CFG 3 is not
+the σ grid, solver and per-step corrections of an ``--nfe``-evaluation sampler to its final samples
+(GITS dynamic programming, an end-to-end refinement, then least-squares corrections). Tune per guidance scale: a grid fitted at CFG 3 is not
 the one for CFG 7.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def add_cli(sub) -> None:
     p.add_argument("--cfg", type=cliargs.float_in(), default=3.0, help="classifier-free guidance weight")
     p.add_argument("--calib", type=cliargs.int_at_least(2), default=32, help="calibration noises")
     p.add_argument("--max-evals", type=cliargs.nonnegative_int, default=None,
-                   help="sampler runs of the end-to-end refinement (default 40 per free sigma; 0: DP grid only)")
+                   help="sampler runs of each refined solver (default 32; 0: the best start grid only)")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the calibration noises")
     p.add_argument("--device", type=cliargs.device, default=None, help="cuda when available, else cpu")
     p.add_argument("--threads", type=cliargs.positive_int, default=1, help="torch intra-op threads")
