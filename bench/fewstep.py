@@ -7,21 +7,26 @@
 ``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64, on Karras-range VE grids
 (σ ∈ [0.002, 80]) and, through ``FlowDenoiser``, on SD3-shift flow grids (σ from ``get_sigmas_flow(n,
 shift=3)``'s range, ~0.003 to ~3000). ``tune_sampler`` is fitted on ``--calib`` noises and every
-sampler is evaluated on ``--n`` other noises against a 2000-step Heun reference from the same noise;
-an item's error is ‖x − x_ref‖. Peers: k-diffusion 0.1.1's ODE samplers (euler, heun, dpm_2, lms,
-dpmpp_2m, dpmpp_3m_sde and dpmpp_2s_ancestral at η = 0) and diffusers' multistep schedulers (DPM++ 2M,
-UniPC 1–3, DEIS 2–3, LMS; run through our implementations, which ``tests/test_solvers.py`` matches
-step for step to diffusers'), each on its finest grid whose counted NFE fits the budget and on its
-best schedule among Karras ρ ∈ {5, 7, 9}, exponential, polyexponential (ρ = 2) and, on flow problems,
-SD3's shift 3. "Best peer" is the minimum over all (solver, schedule) pairs, separately for the median,
-the RMS and the mode-flip fraction (mixtures: items whose mode differs from the reference's).
-Ratios (tuned / best peer) are printed last.
+sampler is evaluated on ``--n`` other noises against a 2000-step Heun reference from the same noise
+(its own error against a 4000-step solve is printed per problem); an item's error is ‖x − x_ref‖.
+Peers: k-diffusion 0.1.1's ODE samplers (euler, heun, dpm_2, lms, dpmpp_2m, dpmpp_3m_sde and
+dpmpp_2s_ancestral at η = 0) and diffusers' multistep scheduler objects themselves
+(``DPMSolverMultistepScheduler`` 2M and 3M, ``UniPCMultistepScheduler`` orders 1–3,
+``DEISMultistepScheduler`` orders 2–3, ``LMSDiscreteScheduler``), stepped on the same σ grids with our
+D by ``_diffusers.py`` and labelled ``diffusers.<name>``, each on its finest grid whose counted NFE
+fits the budget and on its best schedule among Karras ρ ∈ {5, 7, 9}, exponential, polyexponential
+(ρ = 2) and, on flow problems, SD3's shift 3. "Best peer" is the minimum over all (solver, schedule)
+pairs, separately for the median, the RMS and the mode-flip fraction (mixtures: items whose mode
+differs from the reference's). Ratios (tuned / best peer) are printed last, with the reference's own
+median error over the best peer's.
 
 ``model``: the shipped ``fashion`` / ``fashion_latent`` models at CFG weight ``--cfg`` (0: the
 unconditional model), median distance to a 500-step DPM-Solver++(3M) reference from the same noise on
-``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ), then the
+``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ; the
+reference's own error against a 1000-step solve is printed on 8 of them), then the
 Fréchet distance (classifier features, ``kdiff_align.metrics``) of ``--fd`` samples of the tuned
-sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE and seconds.
+sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE (and the tuner's
+own teacher's) and seconds.
 
 ``flow``: the median error of each of our multistep solvers at its default settings over k-diffusion's
 ``sample_lms`` on SD3-shift grids at 15–40 steps (the closed-form problems above, 512 items).
