@@ -140,7 +140,7 @@ def best_peer(peers: dict, grids: dict, model, x, ref, law, budget: int) -> tupl
     for label, solver in peers.items():
         steps = steps_for(solver, model, x, budget)
         for sched, grid in grids.items():
-            sc = scores(solver(model, x, grid(steps)), ref, law) if steps else {}
+            sc = scores(solver(model, x, grid(steps).to(x.dtype)), ref, law) if steps else {}
             for k, v in sc.items():
                 if not math.isnan(v) and v < best.get(k, math.inf):
                     best[k], which[k] = v, f"{label}/{sched}"
@@ -260,17 +260,15 @@ def run_model(args) -> None:
                                 method=("unipc", "deis", "dpmpp_2m"), candidates=24, max_evals=args.max_evals)
         seconds = time.perf_counter() - clock
         mine = scores(tuned(D_eval, x_eval, disable=True), ref)["median"]
-        best = min((scores(f(D_eval, x_eval, g(steps).to(x_eval.dtype)), ref)["median"], f"{label}/{sched}", label, sched)
-                   for label, f in peers.items() for steps in [steps_for(f, D_eval, x_eval, b)] if steps
-                   for sched, g in grids.items())
-        tuned_at[b], best_at[b] = tuned, best
-        print(f"  NFE {b:2d}: tuned {tuned.method} median {mine:.4g} | best peer {best[0]:.4g} ({best[1]}) | "
-              f"ratio {mine / best[0]:.3f} | tuning {tuned.tuning_nfe} NFE (its teacher "
+        best, which = best_peer(peers, grids, D_eval, x_eval, ref, None, b)
+        tuned_at[b], best_at[b] = tuned, which["median"]
+        print(f"  NFE {b:2d}: tuned {tuned.method} median {mine:.4g} | best peer {best['median']:.4g} "
+              f"({which['median']}) | ratio {mine / best['median']:.3f} | tuning {tuned.tuning_nfe} NFE (its teacher "
               f"{tuned.info.get('teacher_nfe')}) x {args.calib} rows, {seconds:.0f} s")
     if args.fd:
         x_test, _, _, _ = reference_sets("fashion", "auto")
         f_test = features(pipe.classifier, x_test)
-        label, sched = best_at[10][2], best_at[10][3]
+        label, sched = best_at[10].rsplit("/", 1)
         steps = steps_for(peers[label], D_eval, x_eval, 10)
         peer = lambda m, x: peers[label](m, x, grids[sched](steps).to(x.dtype))  # noqa: E731
         fd_tuned = frechet_distance(features(pipe.classifier, sample_in_chunks(
