@@ -14,18 +14,7 @@ from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import _diffusers  # noqa: E402
 import fewstep  # noqa: E402
-
-BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    net = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
-                                block_out_channels=(8, 16), norm_num_groups=4,
-                                down_block_types=("DownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "UpBlock2D"))
-    return net.eval()
+from test_solvers import BETAS, unet  # noqa: E402, F401  (the tiny random UNet fixture)
 
 
 @pytest.mark.parametrize("name", list(_diffusers.SCHEDULERS))
