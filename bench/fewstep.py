@@ -7,21 +7,26 @@
 ``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64, on Karras-range VE grids
 (σ ∈ [0.002, 80]) and, through ``FlowDenoiser``, on SD3-shift flow grids (σ from ``get_sigmas_flow(n,
 shift=3)``'s range, ~0.003 to ~3000). ``tune_sampler`` is fitted on ``--calib`` noises and every
-sampler is evaluated on ``--n`` other noises against a 2000-step Heun reference from the same noise;
-an item's error is ‖x − x_ref‖. Peers: k-diffusion 0.1.1's ODE samplers (euler, heun, dpm_2, lms,
-dpmpp_2m, dpmpp_3m_sde and dpmpp_2s_ancestral at η = 0) and diffusers' multistep schedulers (DPM++ 2M,
-UniPC 1–3, DEIS 2–3, LMS; run through our implementations, which ``tests/test_solvers.py`` matches
-step for step to diffusers'), each on its finest grid whose counted NFE fits the budget and on its
-best schedule among Karras ρ ∈ {5, 7, 9}, exponential, polyexponential (ρ = 2) and, on flow problems,
-SD3's shift 3. "Best peer" is the minimum over all (solver, schedule) pairs, separately for the median,
-the RMS and the mode-flip fraction (mixtures: items whose mode differs from the reference's).
-Ratios (tuned / best peer) are printed last.
+sampler is evaluated on ``--n`` other noises against a 2000-step Heun reference from the same noise
+(its own error against a 4000-step solve is printed per problem); an item's error is ‖x − x_ref‖.
+Peers: k-diffusion 0.1.1's ODE samplers (euler, heun, dpm_2, lms, dpmpp_2m, dpmpp_3m_sde and
+dpmpp_2s_ancestral at η = 0) and diffusers' multistep scheduler objects themselves
+(``DPMSolverMultistepScheduler`` 2M and 3M, ``UniPCMultistepScheduler`` orders 1–3,
+``DEISMultistepScheduler`` orders 2–3, ``LMSDiscreteScheduler``), stepped on the same σ grids with our
+D by ``_diffusers.py`` and labelled ``diffusers.<name>``, each on its finest grid whose counted NFE
+fits the budget and on its best schedule among Karras ρ ∈ {5, 7, 9}, exponential, polyexponential
+(ρ = 2) and, on flow problems, SD3's shift 3. "Best peer" is the minimum over all (solver, schedule)
+pairs, separately for the median, the RMS and the mode-flip fraction (mixtures: items whose mode
+differs from the reference's). Ratios (tuned / best peer) are printed last, with the reference's own
+median error over the best peer's.
 
 ``model``: the shipped ``fashion`` / ``fashion_latent`` models at CFG weight ``--cfg`` (0: the
 unconditional model), median distance to a 500-step DPM-Solver++(3M) reference from the same noise on
-``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ), then the
+``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ; the
+reference's own error against a 1000-step solve is printed on 8 of them), then the
 Fréchet distance (classifier features, ``kdiff_align.metrics``) of ``--fd`` samples of the tuned
-sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE and seconds.
+sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE (and the tuner's
+own teacher's) and seconds.
 
 ``flow``: the median error of each of our multistep solvers at its default settings over k-diffusion's
 ``sample_lms`` on SD3-shift grids at 15–40 steps (the closed-form problems above, 512 items).
@@ -39,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import _diffusers  # noqa: E402
 import _kdiffusion  # noqa: E402
 
 import kdiff_align as ka  # noqa: E402
@@ -83,20 +89,21 @@ def schedules(flow: bool, sigma_min: float, sigma_max: float) -> dict:
 
 
 def peer_solvers(K) -> dict:
-    """k-diffusion's ODE samplers and diffusers' multistep schedulers as ``f(model, x, sigmas)``."""
+    """k-diffusion's ODE samplers and diffusers' multistep scheduler objects as ``f(model, x, sigmas)``."""
     out = {}
     if K is not None:
         for n in ("euler", "heun", "dpm_2", "lms", "dpmpp_2m"):
             out[f"K.{n}"] = (lambda f: lambda m, x, s: f(m, x, s, disable=True))(getattr(K, "sample_" + n))
         out["K.dpmpp_3m_sde(eta=0)"] = lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, disable=True, eta=0.0)
         out["K.dpmpp_2s_anc(eta=0)"] = lambda m, x, s: K.sample_dpmpp_2s_ancestral(m, x, s, disable=True, eta=0.0)
-    diffusers = {"D.dpmpp_2m": ("dpmpp_2m", {}), "D.lms": ("lms", {"lower_order_final": False}),
-                 **{f"D.unipc{p}": ("unipc", {"order": p, "lower_order_final": True}) for p in (1, 2, 3)},
-                 **{f"D.deis{p}": ("deis", {"order": p}) for p in (2, 3)}}
-    for label, (method, kw) in diffusers.items():
-        out[label] = (lambda method, kw: lambda m, x, s: ka.odeint(m, x, s, method=method, disable=True, **kw))(
-            method, kw)
+    out.update({f"diffusers.{name}": _diffusers.solver(name) for name in _diffusers.SCHEDULERS})
     return out
+
+
+PEERS_NOTE = (f"peers: K.* = k-diffusion {_kdiffusion.VERSION}'s sample_* functions; diffusers.* = diffusers "
+              f"{_diffusers.diffusers.__version__}'s scheduler objects stepped on each grid (bench/_diffusers.py; "
+              f"DEIS's final sigma 0 is {_diffusers.DEIS_ZERO:g}*sigma_min: it takes log 0); "
+              "no peer is our copy")
 
 
 def steps_for(solver, model, x, budget: int) -> int | None:
@@ -119,37 +126,55 @@ def scores(x, ref, model=None) -> dict:
     return out
 
 
-def closed_problem(name: str, law, flow: bool, budgets, n: int, calib: int, peers: dict) -> dict:
-    """Tuned vs best peer on one closed-form problem; returns {budget: (tuned scores, best peer scores)}."""
+TEACHER_STEPS = 2000
+
+
+def heun_reference(model, x, sigma_min: float, sigma_max: float, steps: int = TEACHER_STEPS):
+    """Heun on the ``steps``-step Karras grid (ρ = 7) from ``x``: the closed problems' reference."""
+    return ka.odeint(model, x, ka.get_sigmas_karras(steps, sigma_min, sigma_max).double(), disable=True)
+
+
+def best_peer(peers: dict, grids: dict, model, x, ref, law, budget: int) -> tuple[dict, dict]:
+    """The best score per figure over (peer, schedule) pairs at ``budget`` NFE, and the pair."""
+    best, which = {}, {}
+    for label, solver in peers.items():
+        steps = steps_for(solver, model, x, budget)
+        for sched, grid in grids.items():
+            sc = scores(solver(model, x, grid(steps).to(x.dtype)), ref, law) if steps else {}
+            for k, v in sc.items():
+                if not math.isnan(v) and v < best.get(k, math.inf):
+                    best[k], which[k] = v, f"{label}/{sched}"
+    return best, which
+
+
+def closed_problem(name: str, law, flow: bool, budgets, n: int, calib: int, peers: dict) -> tuple[dict, dict]:
+    """Tuned vs best peer on one closed-form problem; returns (the reference's own scores against a
+    twice finer solve, {budget: (tuned scores, best peer scores)})."""
     model = as_flow(law) if flow else law
     sigma_min, sigma_max = FLOW_RANGE if flow else VE_RANGE
     dim = law.mean.shape[0] if isinstance(law, GaussianDenoiser) else law.means.shape[1]
     noise = lambda k, seed: torch.randn(k, dim, dtype=torch.float64,  # noqa: E731
                                         generator=torch.Generator().manual_seed(seed)) * sigma_max
     x_cal, x_eval = noise(calib, 1), noise(n, 2)
-    ref = ka.odeint(model, x_eval, ka.get_sigmas_karras(2000, sigma_min, sigma_max).double(), disable=True)
-    grids, out = schedules(flow, sigma_min, sigma_max), {}
+    ref, grids, out = heun_reference(model, x_eval, sigma_min, sigma_max), schedules(flow, sigma_min, sigma_max), {}
+    teacher = scores(ref, heun_reference(model, x_eval, sigma_min, sigma_max, 2 * TEACHER_STEPS), law)
     print(f"== {name} ({'SD3-shift flow' if flow else 'VE'} grid range {sigma_min:.3g}–{sigma_max:.4g}, "
           f"{n} items, tuned on {calib} others)")
+    print(f"  reference: {TEACHER_STEPS} Heun steps; its own error against {2 * TEACHER_STEPS}: "
+          + " ".join(f"{k} {v:.3g}" for k, v in teacher.items()))
     for b in budgets:
         clock = time.perf_counter()
         tuned = ka.tune_sampler(model, x_cal, b, sigma_min=sigma_min, sigma_max=sigma_max, candidates=40,
                                 max_evals=40 * (b - 1), refine=len(ka.sampling.TUNE_METHODS))  # cheap models
         seconds = time.perf_counter() - clock
         mine = scores(tuned(model, x_eval, disable=True), ref, law)
-        best, which = {}, {}
-        for label, solver in peers.items():
-            steps = steps_for(solver, model, x_eval, b)
-            for sched, grid in grids.items():
-                sc = scores(solver(model, x_eval, grid(steps)), ref, law) if steps else {}
-                for k, v in sc.items():
-                    if not math.isnan(v) and v < best.get(k, math.inf):
-                        best[k], which[k] = v, f"{label}/{sched}"
+        best, which = best_peer(peers, grids, model, x_eval, ref, law, b)
         out[b] = (mine, best)
         print(f"  NFE {b:2d} tuned {tuned.method:8s} " + " ".join(f"{k} {v:.3g}" for k, v in mine.items())
               + " | best peer " + " ".join(f"{k} {best[k]:.3g} ({which[k]})" for k in mine)
-              + f" | tuning {tuned.tuning_nfe} NFE x {calib} rows, {seconds:.1f} s")
-    return out
+              + f" | tuning {tuned.tuning_nfe} NFE (its teacher {tuned.info.get('teacher_nfe')}) x {calib} rows, "
+              f"{seconds:.1f} s")
+    return teacher, out
 
 
 def run_closed(args) -> None:
@@ -157,23 +182,28 @@ def run_closed(args) -> None:
     if K is None:
         print("k-diffusion could not be loaded: its peers are left out")
     peers, results = peer_solvers(K), {}
+    print(PEERS_NOTE)
     for name, law in laws().items():
         for flow in (False, True):
             label = f"{name}/{'flow' if flow else 've'}"
             results[label] = closed_problem(label, law, flow, args.budgets, args.n, args.calib, peers)
     print("\n== ratios tuned / best peer (targets: median <= 0.5 at 5, 6, 8 NFE, <= 0.7 at 10; "
-          "Gaussians RMS too; mixtures: flips <= peer's)")
-    for label, rows in results.items():
+          "Gaussians RMS too; mixtures: flips <= peer's); last: the reference's own median error / the "
+          "smallest best-peer median")
+    for label, (teacher, rows) in results.items():
         cells = []
         for b, (mine, best) in rows.items():
             cell = f"{b}: med {mine['median'] / best['median']:.2f} rms {mine['rms'] / best['rms']:.2f}"
             if "flips" in mine:
                 cell += f" flips {mine['flips']:.3f}/{best['flips']:.3f}"
             cells.append(cell)
-        print(f"{label:12s} " + " | ".join(cells))
+        floor = teacher["median"] / min(best["median"] for _, best in rows.values())
+        print(f"{label:12s} " + " | ".join(cells) + f" | reference {floor:.1e}")
 
 
-MODEL_PEERS = ("K.heun", "K.lms", "K.dpmpp_2m", "K.dpmpp_3m_sde(eta=0)", "D.unipc2", "D.unipc3", "D.deis3")
+MODEL_PEERS = ("K.heun", "K.lms", "K.dpmpp_2m", "K.dpmpp_3m_sde(eta=0)", "diffusers.dpmpp_3m", "diffusers.unipc2",
+               "diffusers.unipc3", "diffusers.deis3")
+MODEL_TEACHER_STEPS = 500
 
 
 def guided(pipe, cfg: float, classes: list[int]):
@@ -194,6 +224,13 @@ def sample_in_chunks(sampler, pipe, cfg: float, n: int, seed: int, chunk: int = 
     return torch.cat(out)
 
 
+def model_teacher_error(pipe, cfg: float, classes: list[int], x, items: int = 8) -> dict:
+    """The model reference's own error: its DPM-Solver++(3M) solve against a twice finer one, first ``items``."""
+    model = guided(pipe, cfg, classes[:items])
+    solve = lambda steps: ka.odeint(model, x[:items], pipe.sigmas(steps), method="dpmpp_3m", disable=True)  # noqa: E731
+    return scores(solve(MODEL_TEACHER_STEPS), solve(2 * MODEL_TEACHER_STEPS))
+
+
 @torch.no_grad()
 def run_model(args) -> None:
     from quality import reference_sets
@@ -207,10 +244,16 @@ def run_model(args) -> None:
     x_cal, x_eval = pipe.get_init_latent(args.calib, torch.Generator().manual_seed(1)), \
         pipe.get_init_latent(args.n, torch.Generator().manual_seed(2))
     D_cal = guided(pipe, args.cfg, [c % half for c in range(args.calib)])
-    D_eval = guided(pipe, args.cfg, [half + c % half for c in range(args.n)])
+    classes = [half + c % half for c in range(args.n)]
+    D_eval = guided(pipe, args.cfg, classes)
     clock = time.perf_counter()
-    ref = ka.odeint(D_eval, x_eval, pipe.sigmas(500), method="dpmpp_3m", disable=True)
-    print(f"== {args.model} cfg {args.cfg}: {args.n} items, 500-step reference ({time.perf_counter() - clock:.0f} s)")
+    ref = ka.odeint(D_eval, x_eval, pipe.sigmas(MODEL_TEACHER_STEPS), method="dpmpp_3m", disable=True)
+    print(PEERS_NOTE)
+    print(f"== {args.model} cfg {args.cfg}: {args.n} items, {MODEL_TEACHER_STEPS}-step reference "
+          f"({time.perf_counter() - clock:.0f} s)")
+    teacher = model_teacher_error(pipe, args.cfg, classes, x_eval)
+    print(f"  reference's own error against {2 * MODEL_TEACHER_STEPS} steps ({min(8, args.n)} items): "
+          f"median {teacher['median']:.3g} rms {teacher['rms']:.3g}")
     grids, tuned_at, best_at = schedules(False, pipe.sigma_min, pipe.sigma_max), {}, {}
     for b in args.budgets:
         clock = time.perf_counter()
@@ -218,16 +261,15 @@ def run_model(args) -> None:
                                 max_evals=args.max_evals)  # the defaults: what `kdiff-align tune` runs
         seconds = time.perf_counter() - clock
         mine = scores(tuned(D_eval, x_eval, disable=True), ref)["median"]
-        best = min((scores(f(D_eval, x_eval, g(steps).to(x_eval.dtype)), ref)["median"], f"{label}/{sched}", label, sched)
-                   for label, f in peers.items() for steps in [steps_for(f, D_eval, x_eval, b)] if steps
-                   for sched, g in grids.items())
-        tuned_at[b], best_at[b] = tuned, best
-        print(f"  NFE {b:2d}: tuned {tuned.method} median {mine:.4g} | best peer {best[0]:.4g} ({best[1]}) | "
-              f"ratio {mine / best[0]:.3f} | tuning {tuned.tuning_nfe} NFE x {args.calib} rows, {seconds:.0f} s")
+        best, which = best_peer(peers, grids, D_eval, x_eval, ref, None, b)
+        tuned_at[b], best_at[b] = tuned, which["median"]
+        print(f"  NFE {b:2d}: tuned {tuned.method} median {mine:.4g} | best peer {best['median']:.4g} "
+              f"({which['median']}) | ratio {mine / best['median']:.3f} | tuning {tuned.tuning_nfe} NFE (its teacher "
+              f"{tuned.info.get('teacher_nfe')}) x {args.calib} rows, {seconds:.0f} s")
     if args.fd:
         x_test, _, _, _ = reference_sets("fashion", "auto")
         f_test = features(pipe.classifier, x_test)
-        label, sched = best_at[10][2], best_at[10][3]
+        label, sched = best_at[10].rsplit("/", 1)
         steps = steps_for(peers[label], D_eval, x_eval, 10)
         peer = lambda m, x: peers[label](m, x, grids[sched](steps).to(x.dtype))  # noqa: E731
         fd_tuned = frechet_distance(features(pipe.classifier, sample_in_chunks(
