@@ -4,8 +4,10 @@ In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponentia
 (DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
 (``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``
-(DPM-Solver++(2M) and DEIS only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's LMS).
-Grids may end above 0 (split grids): the state at the last σ is returned.
+(the exponential integrators only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's
+LMS). The exponential integrators extrapolate in log σ, except on a step whose nodes are more evenly
+spaced in σ (the tail of an SD3-shift flow grid): there they take the Adams–Bashforth step in σ of their
+order (``sigma_step``). Grids may end above 0 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
 
@@ -58,6 +60,41 @@ def _h_phi(h: float, order: int) -> list[float]:
     return out
 
 
+def spread(nodes: list[float]) -> float:
+    """The longest gap between consecutive nodes over the shortest (1 for evenly spaced nodes)."""
+    gaps = [abs(a - b) for a, b in zip(nodes, nodes[1:])]
+    return max(gaps) / min(gaps)
+
+
+def sigma_step(s: list[float], i: int, order: int) -> bool:
+    """Whether step i of an exponential integrator extrapolates in σ rather than in log σ.
+
+    A polynomial extrapolates best over evenly spaced nodes, so the variable is the one in which the
+    step's nodes σ_{i−order+1}, …, σ_i, σ_{i+1} are more evenly spaced (smaller ``spread``). On an
+    SD3-shift flow grid that is σ on the last steps (even in σ, where log-σ steps grow to ~4) — near
+    σ = 0, ε = (x − D)/σ is close to linear in σ (exactly so to O(σ³) for Gaussian data) while D
+    approaches x₀ exponentially in log σ; on Karras, exponential and diffusers' VP grids it is log σ
+    everywhere, so they keep the published algorithms. First-order steps are the same either way (DDIM
+    is Euler in σ).
+    """
+    if order < 2 or s[i + 1] == 0:
+        return False
+    nodes = s[i - order + 1:i + 2]
+    return spread(nodes) < spread([math.log(v) for v in nodes])
+
+
+def sigma_weights(v: list[float], r: float) -> list[float]:
+    """w_j = r·∫_r^1 ℓ_j(u)/u² du for the Lagrange basis ℓ_j in u = σ/σ_i over the nodes ``v`` (exact).
+
+    D interpolated by the polynomial in σ through the nodes gives x_{i+1} = r·x_i + Σ_j w_j·D_j, from
+    d(x/σ)/dσ = −D/σ² with r = σ_{i+1}/σ_i; one node gives DDIM's 1 − r.
+    """
+    k = len(v)
+    moments = [1 - r, -r * math.log(r)] + [r * (1 - r ** (m - 1)) / (m - 1) for m in range(2, k)]
+    vander = np.array([[u ** m for u in v] for m in range(k)])  # row m: the m-th powers of the nodes
+    return np.linalg.solve(vander, np.array(moments[:k])).tolist()
+
+
 def dpmpp_step(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int) -> Tensor:
     """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2 for order 2; k-diffusion's 3M with η = 0 for order 3)."""
     t = [-math.log(v) for v in s[max(i - 2, 0):i + 2]][::-1]  # t_{i+1}, t_i, t_{i−1}, …
@@ -105,8 +142,14 @@ def unipc_update(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int
     """UniP-p (``D_new`` None) or UniC-p step σ_i → σ_{i+1} from x_i with Ds = [D_i, D_{i−1}, …].
 
     The corrector recomputes the same step, adding D_new = D(x̃_{i+1}, σ_{i+1}), which the next
-    predictor needs anyway: no extra network evaluation.
+    predictor needs anyway: no extra network evaluation. On a step in σ (``sigma_step``; the predictor
+    is then Adams–Bashforth in σ) the corrector interpolates D by the polynomial in σ through D_new and
+    the predictor's nodes, integrated exactly (``sigma_weights``).
     """
+    if D_new is not None and sigma_step(s, i, order):
+        v = [s[i - k] / s[i] for k in range(order)] + [s[i + 1] / s[i]]
+        w = sigma_weights(v, s[i + 1] / s[i])
+        return s[i + 1] / s[i] * x + sum(c * D for c, D in zip(w, [*Ds[:order], D_new]))
     lam = [-math.log(s[i - k]) for k in range(order)]
     h = -math.log(s[i + 1]) - lam[0]
     rks = [(lam[k] - lam[0]) / h for k in range(1, order)] + [1.0]
@@ -138,16 +181,16 @@ DIFFUSERS_LOWER_BELOW = 15  # diffusers' DPM-Solver++ and DEIS lower the final o
 def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     """Whether to lower the order on the last steps by default (on grids ending in 0 only).
 
-    Where we implement diffusers' algorithm we keep its rule: ``DPMSolverMultistepScheduler`` (2M) and
-    ``DEISMultistepScheduler`` lower it only on grids of fewer than 15 steps, ``UniPCMultistepScheduler``
-    on every grid. Our 3M (its third-order term differs from diffusers') lowers it on every grid: on
-    SD3-shift flow grids, whose last step spans ~3 in log σ, full-order 3M is 20–100× less accurate.
-    LMS and iPNDM keep the full order, as k-diffusion's LMS does: on those flow grids lowering made
-    them 1.4–5× less accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
+    The exponential integrators (2M, 3M, UniPC, DEIS) follow diffusers' documented rule: only on grids of
+    fewer than 15 steps. (``UniPCMultistepScheduler``'s code lowers it on every grid; pass
+    ``lower_order_final=True`` for its numbers on 15 steps or more. On SD3-shift flow grids, whose last
+    interior step spans ~4 in log σ, lowering there made UniPC 2–20× less accurate.) LMS and iPNDM keep
+    the full order, as k-diffusion's LMS does: on those flow grids lowering made them 1.4–5× less
+    accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
     """
-    if method in ("dpmpp_2m", "deis"):
-        return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
-    return ends_in_zero and method not in ("lms", "ipndm")
+    if method in ("lms", "ipndm"):
+        return False
+    return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
 
 
 def check_order(method: str, order: int | None) -> int:
@@ -162,16 +205,18 @@ def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Te
                      order: int, variant: str) -> Tensor:
     """The predictor step σ_i → σ_{i+1} of ``method`` at the given order (newest history first).
 
-    ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates.
+    ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates. On a
+    step in σ (``sigma_step``) the exponential integrators take the Adams–Bashforth step of their order
+    in σ (LMS's weights: ε interpolated by a polynomial in σ).
     """
+    if method in ("lms",) or (method != "ipndm" and sigma_step(s, i, order)):
+        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
     if method in ("dpmpp_2m", "dpmpp_3m"):
         return dpmpp_step(x, s, i, Ds, order)
     if method == "unipc":
         return unipc_update(x, s, i, Ds, order, variant)
     if method == "deis":
         return x + sum(c * e for c, e in zip(deis_coeffs(s, i, order), ds))
-    if method == "lms":
-        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
     step = s[i + 1] - s[i]  # ipndm: equal-step Adams–Bashforth weights
     return x + step * sum(c * d for c, d in zip(IPNDM_COEFFS[order], ds))
 
