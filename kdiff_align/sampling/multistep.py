@@ -66,16 +66,17 @@ def spread(nodes: list[float]) -> float:
     return max(gaps) / min(gaps)
 
 
+
+
 def sigma_step(s: list[float], i: int, order: int) -> bool:
     """Whether step i of an exponential integrator extrapolates in σ rather than in log σ.
 
     A polynomial extrapolates best over evenly spaced nodes, so the variable is the one in which the
     step's nodes σ_{i−order+1}, …, σ_i, σ_{i+1} are more evenly spaced (smaller ``spread``). On an
-    SD3-shift flow grid that is σ on the last steps (even in σ, where log-σ steps grow to ~4) — near
-    σ = 0, ε = (x − D)/σ is close to linear in σ (exactly so to O(σ³) for Gaussian data) while D
-    approaches x₀ exponentially in log σ; on Karras, exponential and diffusers' VP grids it is log σ
-    everywhere, so they keep the published algorithms. First-order steps are the same either way (DDIM
-    is Euler in σ).
+    SD3-shift flow grid that is σ on the last ~20 % of the steps (even in σ, while the log-σ steps grow
+    to ~4): near σ = 0, ε = (x − D)/σ is close to linear in σ (to O(σ³) for Gaussian data) while D
+    approaches x₀ exponentially in log σ. Karras and exponential grids never switch, diffusers' VP
+    grids on their last few steps. First-order steps are the same either way (DDIM is Euler in σ).
     """
     if order < 2 or s[i + 1] == 0:
         return False
@@ -138,7 +139,7 @@ def unipc_coeffs(h: float, rks: list[float], order: int, variant: str, corrector
 
 
 def unipc_update(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int, variant: str,
-                 D_new: Tensor | None = None) -> Tensor:
+                 D_new: Tensor | None = None, sigma_steps: bool = True) -> Tensor:
     """UniP-p (``D_new`` None) or UniC-p step σ_i → σ_{i+1} from x_i with Ds = [D_i, D_{i−1}, …].
 
     The corrector recomputes the same step, adding D_new = D(x̃_{i+1}, σ_{i+1}), which the next
@@ -146,7 +147,7 @@ def unipc_update(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int
     is then Adams–Bashforth in σ) the corrector interpolates D by the polynomial in σ through D_new and
     the predictor's nodes, integrated exactly (``sigma_weights``).
     """
-    if D_new is not None and sigma_step(s, i, order):
+    if D_new is not None and sigma_steps and sigma_step(s, i, order):
         v = [s[i - k] / s[i] for k in range(order)] + [s[i + 1] / s[i]]
         w = sigma_weights(v, s[i + 1] / s[i])
         return s[i + 1] / s[i] * x + sum(c * D for c, D in zip(w, [*Ds[:order], D_new]))
@@ -202,14 +203,14 @@ def check_order(method: str, order: int | None) -> int:
 
 
 def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Tensor], ds: list[Tensor],
-                     order: int, variant: str) -> Tensor:
+                     order: int, variant: str, sigma_steps: bool = True) -> Tensor:
     """The predictor step σ_i → σ_{i+1} of ``method`` at the given order (newest history first).
 
     ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates. On a
     step in σ (``sigma_step``) the exponential integrators take the Adams–Bashforth step of their order
-    in σ (LMS's weights: ε interpolated by a polynomial in σ).
+    in σ (LMS's weights: ε interpolated by a polynomial in σ); ``sigma_steps=False`` never does.
     """
-    if method in ("lms",) or (method != "ipndm" and sigma_step(s, i, order)):
+    if method == "lms" or (sigma_steps and method != "ipndm" and sigma_step(s, i, order)):
         return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
     if method in ("dpmpp_2m", "dpmpp_3m"):
         return dpmpp_step(x, s, i, Ds, order)
@@ -230,7 +231,7 @@ class MultistepSolver:
     """
 
     def __init__(self, method: str, s: list[float], order: int | None = None, variant: str = "bh2",
-                 lower_order_final: bool | None = None):
+                 lower_order_final: bool | None = None, sigma_steps: bool = True):
         if method not in MULTISTEP_METHODS:
             raise ValueError(f"method must be one of {', '.join(MULTISTEP_METHODS)}; got {method!r}")
         if variant not in UNIPC_VARIANTS:
@@ -239,6 +240,7 @@ class MultistepSolver:
         self.lower_order_final = (default_lower_order_final(method, len(s) - 1, s[-1] == 0)
                                   if lower_order_final is None else lower_order_final)
         self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
+        self.sigma_steps = sigma_steps
 
     def state(self) -> tuple:
         """The history as a flat tuple ``(x_last, p_last, *Ds, *ds)``: the inputs of a pure step (``sampling.grad``)."""
@@ -253,7 +255,8 @@ class MultistepSolver:
         """UniC: x_i corrected with D(x_i, σ_i) (other methods return x unchanged)."""
         if self.method != "unipc" or self.x_last is None:
             return x
-        return unipc_update(self.x_last, self.s, i - 1, self.Ds, self.p_last, self.variant, D_new=denoised)
+        return unipc_update(self.x_last, self.s, i - 1, self.Ds, self.p_last, self.variant, D_new=denoised,
+                            sigma_steps=self.sigma_steps)
 
     def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
         """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
@@ -264,12 +267,12 @@ class MultistepSolver:
             return denoised
         p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
         self.x_last, self.p_last = x, p
-        return multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant)
+        return multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant, self.sigma_steps)
 
 
 def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
                      disable=None, order: int | None = None, variant: str = "bh2",
-                     lower_order_final: bool | None = None, grad: str | None = None,
+                     lower_order_final: bool | None = None, sigma_steps: bool = True, grad: str | None = None,
                      grad_last: int | None = None) -> Tensor:
     """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
 
@@ -281,9 +284,11 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
             None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
             full order up to the hand-off, and for dpmpp_2m/deis only below 15 steps, as
             diffusers does (``default_lower_order_final``).
+        sigma_steps: let the exponential integrators take uneven log-σ steps in σ (``sigma_step``);
+            False extrapolates in log σ on every step, as diffusers' schedulers do.
         grad: a ``sampling.grad`` mode; the D history is a checkpoint input (and adjoint state).
     """
-    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final)
+    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final, sigma_steps)
 
     def step(i, x, *state):
         solver.set_state(*state)
