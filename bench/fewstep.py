@@ -90,9 +90,10 @@ def peer_solvers(K) -> dict:
             out[f"K.{n}"] = (lambda f: lambda m, x, s: f(m, x, s, disable=True))(getattr(K, "sample_" + n))
         out["K.dpmpp_3m_sde(eta=0)"] = lambda m, x, s: K.sample_dpmpp_3m_sde(m, x, s, disable=True, eta=0.0)
         out["K.dpmpp_2s_anc(eta=0)"] = lambda m, x, s: K.sample_dpmpp_2s_ancestral(m, x, s, disable=True, eta=0.0)
-    diffusers = {"D.dpmpp_2m": ("dpmpp_2m", {}), "D.lms": ("lms", {"lower_order_final": False}),
-                 **{f"D.unipc{p}": ("unipc", {"order": p, "lower_order_final": True}) for p in (1, 2, 3)},
-                 **{f"D.deis{p}": ("deis", {"order": p}) for p in (2, 3)}}
+    log = {"sigma_steps": False}  # diffusers extrapolates in log σ on every step
+    diffusers = {"D.dpmpp_2m": ("dpmpp_2m", log), "D.lms": ("lms", {"lower_order_final": False}),
+                 **{f"D.unipc{p}": ("unipc", {"order": p, "lower_order_final": True, **log}) for p in (1, 2, 3)},
+                 **{f"D.deis{p}": ("deis", {"order": p, **log}) for p in (2, 3)}}
     for label, (method, kw) in diffusers.items():
         out[label] = (lambda method, kw: lambda m, x, s: ka.odeint(m, x, s, method=method, disable=True, **kw))(
             method, kw)
