@@ -87,16 +87,26 @@ def test_multistep_on_flow_matching_grid(method):
         return (x_t - gauss(x_t / (1 - t)[:, None], sigma)) / t[:, None]
 
     model = FlowDenoiser(velocity)
-    errs = []
-    for n in (24, 48):
+
+    def error(n, **kw):
         sigmas = ka.schedules.get_sigmas_flow(n, shift=3.0).double()
         x_T = x_T_of(scale=1.0) * sigmas[0]
-        errs.append((ka.odeint(model, x_T, sigmas, method=method, disable=True, lower_order_final=True)
-                     - exact_x0(gauss, x_T, sigmas)).abs().max().item())
-    # Euler's error halves exactly (measured 0.244 → 0.122); the multistep ones fall 2.7× (ipndm) to
-    # 67× (unipc) at 24 → 48 steps (dpmpp_2m 4.0×, with its tail steps in σ: ``multistep.sigma_step``),
-    # still pre-asymptotic on this grid (σ_max = 999), so 2.5× is the bar.
-    assert errs[1] < errs[0] / 2.5, errs
+        return (ka.odeint(model, x_T, sigmas, method=method, disable=True, **kw)
+                - exact_x0(gauss, x_T, sigmas)).abs().max().item()
+
+    # In log σ on every step (the published algorithms) Euler's error halves exactly (0.244 → 0.122)
+    # and the multistep ones fall 2.7× (ipndm) to 50× (dpmpp_3m) at 24 → 48 steps, still
+    # pre-asymptotic on this grid (σ_max = 999), so 2.5× is the bar.
+    # (orders lowered on the last steps).
+    logs = [error(n, sigma_steps=False, lower_order_final=True) for n in (24, 48)]
+    assert logs[1] < logs[0] / 2.5, logs
+    # At the defaults (σ steps on the tail, ``multistep.sigma_step``; full order to the end) the errors
+    # are smaller still, but the part of the tail stepped in log σ grows with the steps, so they fall
+    # more slowly: 24 → 96 steps 4.0× (dpmpp_3m) to 65× (deis); 2.5× is the bar.
+    errs = [error(n) for n in (24, 48, 96)]
+    if method not in ("lms", "ipndm"):  # these never lower the order nor switch
+        assert errs[0] <= logs[0] and errs[1] <= logs[1], (errs, logs)
+    assert errs[2] < errs[0] / 2.5, errs
 
 
 # --- diffusers schedulers, step for step -------------------------------------------------------------
