@@ -66,8 +66,6 @@ def spread(nodes: list[float]) -> float:
     return max(gaps) / min(gaps)
 
 
-
-
 SPREAD_LIMIT = 2.0  # log-σ nodes spaced more evenly than this (longest gap / shortest) stay in log σ
 
 
@@ -192,7 +190,7 @@ def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     The exponential integrators (2M, 3M, UniPC, DEIS) follow diffusers' documented rule: only on grids of
     fewer than 15 steps. (``UniPCMultistepScheduler``'s code lowers it on every grid; pass
     ``lower_order_final=True`` for its numbers on 15 steps or more. On SD3-shift flow grids, whose last
-    interior step spans ~4 in log σ, lowering there made UniPC 2–20× less accurate.) LMS and iPNDM keep
+    interior step spans ~4 in log σ, lowering there made UniPC 1.2–17× less accurate.) LMS and iPNDM keep
     the full order, as k-diffusion's LMS does: on those flow grids lowering made them 1.4–5× less
     accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
     """
