@@ -41,9 +41,10 @@ def test_driver_reproduces_the_diffusers_loop_on_its_own_grid(unet, name):
 
 # Our copies, which tests/test_solvers.py matches to diffusers step for step; 3M is diffusers' own
 # third-order rule (ours differs), checked by the loop test above only.
-OURS = {"dpmpp_2m": ("dpmpp_2m", {}), "unipc1": ("unipc", {"order": 1}), "unipc2": ("unipc", {"order": 2}),
-        "unipc3": ("unipc", {"order": 3}), "deis2": ("deis", {"order": 2, "lower_order_final": True}),
-        "deis3": ("deis", {"order": 3, "lower_order_final": True}), "lms": ("lms", {"lower_order_final": False})}
+LOG = {"sigma_steps": False}  # diffusers' algorithms extrapolate in log σ on every step
+OURS = {"dpmpp_2m": ("dpmpp_2m", LOG), **{f"unipc{p}": ("unipc", {"order": p, **LOG}) for p in (1, 2, 3)},
+        **{f"deis{p}": ("deis", {"order": p, "lower_order_final": True, **LOG}) for p in (2, 3)},
+        "lms": ("lms", {"lower_order_final": False})}
 
 
 @pytest.mark.parametrize("grid", ["karras", "sd3_flow"])

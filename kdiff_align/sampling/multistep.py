@@ -4,8 +4,10 @@ In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponentia
 (DPM-Solver++, UniPC, DEIS) solve exactly; LMS and iPNDM are Adams–Bashforth methods on
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
 (``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``
-(DPM-Solver++(2M) and DEIS only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's LMS).
-Grids may end above 0 (split grids): the state at the last σ is returned.
+(the exponential integrators only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's
+LMS). The exponential integrators extrapolate in log σ, except on a step whose nodes are uneven in log σ
+and more even in σ (the end of an SD3-shift flow grid): there they take the Adams–Bashforth step in σ
+of their order (``sigma_step``). Grids may end above 0 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
 
@@ -58,6 +60,47 @@ def _h_phi(h: float, order: int) -> list[float]:
     return out
 
 
+def spread(nodes: list[float]) -> float:
+    """The longest gap between consecutive nodes over the shortest (1 for evenly spaced nodes)."""
+    gaps = [abs(a - b) for a, b in zip(nodes, nodes[1:])]
+    return max(gaps) / min(gaps)
+
+
+SPREAD_LIMIT = 2.0  # log-σ nodes spaced more evenly than this (longest gap / shortest) stay in log σ
+
+
+def sigma_step(s: list[float], i: int, order: int) -> bool:
+    """Whether step i of an exponential integrator extrapolates in σ rather than in log σ.
+
+    A polynomial extrapolates best over evenly spaced nodes: where the step's nodes σ_{i−order+1}, …,
+    σ_i, σ_{i+1} are unevenly spaced in log σ (``spread`` above ``SPREAD_LIMIT``) and more evenly in σ,
+    the step is taken in σ. On an SD3-shift flow grid that is the last two interior steps (even in σ,
+    while the log-σ steps grow to ~4): near σ = 0, ε = (x − D)/σ is close to linear in σ (to O(σ³) for
+    Gaussian data) while D approaches x₀ exponentially in log σ. Karras and exponential grids never
+    switch, diffusers' SD grids only on one late step from ~30 steps on. The limit 2 keeps those grids
+    where the log-σ step is as accurate or more (a limit of 1 switched more of a flow grid's tail, but
+    made DPM-Solver++(2M) up to 6× and DEIS up to 1.9× less accurate on 20–50-step SD grids). First-order
+    steps are the same either way (DDIM is Euler in σ).
+    """
+    if order < 2 or s[i + 1] == 0:
+        return False
+    nodes = s[i - order + 1:i + 2]
+    uneven = spread([math.log(v) for v in nodes])
+    return uneven > SPREAD_LIMIT and spread(nodes) < uneven
+
+
+def sigma_weights(v: list[float], r: float) -> list[float]:
+    """w_j = r·∫_r^1 ℓ_j(u)/u² du for the Lagrange basis ℓ_j in u = σ/σ_i over the nodes ``v`` (exact).
+
+    D interpolated by the polynomial in σ through the nodes gives x_{i+1} = r·x_i + Σ_j w_j·D_j, from
+    d(x/σ)/dσ = −D/σ² with r = σ_{i+1}/σ_i; one node gives DDIM's 1 − r.
+    """
+    k = len(v)
+    moments = [1 - r, -r * math.log(r)] + [r * (1 - r ** (m - 1)) / (m - 1) for m in range(2, k)]
+    vander = np.array([[u ** m for u in v] for m in range(k)])  # row m: the m-th powers of the nodes
+    return np.linalg.solve(vander, np.array(moments[:k])).tolist()
+
+
 def dpmpp_step(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int) -> Tensor:
     """DPM-Solver++ multistep (Lu et al. 2022, Alg. 2 for order 2; k-diffusion's 3M with η = 0 for order 3)."""
     t = [-math.log(v) for v in s[max(i - 2, 0):i + 2]][::-1]  # t_{i+1}, t_i, t_{i−1}, …
@@ -101,12 +144,18 @@ def unipc_coeffs(h: float, rks: list[float], order: int, variant: str, corrector
 
 
 def unipc_update(x: Tensor, s: list[float], i: int, Ds: list[Tensor], order: int, variant: str,
-                 D_new: Tensor | None = None) -> Tensor:
+                 D_new: Tensor | None = None, sigma_steps: bool = True) -> Tensor:
     """UniP-p (``D_new`` None) or UniC-p step σ_i → σ_{i+1} from x_i with Ds = [D_i, D_{i−1}, …].
 
     The corrector recomputes the same step, adding D_new = D(x̃_{i+1}, σ_{i+1}), which the next
-    predictor needs anyway: no extra network evaluation.
+    predictor needs anyway: no extra network evaluation. On a step in σ (``sigma_step``; the predictor
+    is then Adams–Bashforth in σ) the corrector interpolates D by the polynomial in σ through D_new and
+    the predictor's nodes, integrated exactly (``sigma_weights``).
     """
+    if D_new is not None and sigma_steps and sigma_step(s, i, order):
+        v = [s[i - k] / s[i] for k in range(order)] + [s[i + 1] / s[i]]
+        w = sigma_weights(v, s[i + 1] / s[i])
+        return s[i + 1] / s[i] * x + sum(c * D for c, D in zip(w, [*Ds[:order], D_new]))
     lam = [-math.log(s[i - k]) for k in range(order)]
     h = -math.log(s[i + 1]) - lam[0]
     rks = [(lam[k] - lam[0]) / h for k in range(1, order)] + [1.0]
@@ -138,16 +187,16 @@ DIFFUSERS_LOWER_BELOW = 15  # diffusers' DPM-Solver++ and DEIS lower the final o
 def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     """Whether to lower the order on the last steps by default (on grids ending in 0 only).
 
-    Where we implement diffusers' algorithm we keep its rule: ``DPMSolverMultistepScheduler`` (2M) and
-    ``DEISMultistepScheduler`` lower it only on grids of fewer than 15 steps, ``UniPCMultistepScheduler``
-    on every grid. Our 3M (its third-order term differs from diffusers') lowers it on every grid: on
-    SD3-shift flow grids, whose last step spans ~3 in log σ, full-order 3M is 20–100× less accurate.
-    LMS and iPNDM keep the full order, as k-diffusion's LMS does: on those flow grids lowering made
-    them 1.4–5× less accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
+    The exponential integrators (2M, 3M, UniPC, DEIS) follow diffusers' documented rule: only on grids of
+    fewer than 15 steps. (``UniPCMultistepScheduler``'s code lowers it on every grid; pass
+    ``lower_order_final=True`` for its numbers on 15 steps or more. On SD3-shift flow grids, whose last
+    interior step spans ~4 in log σ, lowering there made UniPC 1.2–17× less accurate.) LMS and iPNDM keep
+    the full order, as k-diffusion's LMS does: on those flow grids lowering made them 1.4–5× less
+    accurate (median, ``bench/fewstep.py flow``), on Karras grids it changed little.
     """
-    if method in ("dpmpp_2m", "deis"):
-        return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
-    return ends_in_zero and method not in ("lms", "ipndm")
+    if method in ("lms", "ipndm"):
+        return False
+    return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
 
 
 def check_corrections(corrections, steps: int) -> list[list[float]] | None:
@@ -181,19 +230,21 @@ def check_order(method: str, order: int | None) -> int:
 
 
 def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Tensor], ds: list[Tensor],
-                     order: int, variant: str) -> Tensor:
+                     order: int, variant: str, sigma_steps: bool = True) -> Tensor:
     """The predictor step σ_i → σ_{i+1} of ``method`` at the given order (newest history first).
 
-    ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates.
+    ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates. On a
+    step in σ (``sigma_step``) the exponential integrators take the Adams–Bashforth step of their order
+    in σ (LMS's weights: ε interpolated by a polynomial in σ); ``sigma_steps=False`` never does.
     """
+    if method == "lms" or (sigma_steps and method != "ipndm" and sigma_step(s, i, order)):
+        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
     if method in ("dpmpp_2m", "dpmpp_3m"):
         return dpmpp_step(x, s, i, Ds, order)
     if method == "unipc":
         return unipc_update(x, s, i, Ds, order, variant)
     if method == "deis":
         return x + sum(c * e for c, e in zip(deis_coeffs(s, i, order), ds))
-    if method == "lms":
-        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
     step = s[i + 1] - s[i]  # ipndm: equal-step Adams–Bashforth weights
     return x + step * sum(c * d for c, d in zip(IPNDM_COEFFS[order], ds))
 
@@ -207,7 +258,8 @@ class MultistepSolver:
     """
 
     def __init__(self, method: str, s: list[float], order: int | None = None, variant: str = "bh2",
-                 lower_order_final: bool | None = None, corrections: list[list[float]] | None = None):
+                 lower_order_final: bool | None = None, sigma_steps: bool = True,
+                 corrections: list[list[float]] | None = None):
         if method not in MULTISTEP_METHODS:
             raise ValueError(f"method must be one of {', '.join(MULTISTEP_METHODS)}; got {method!r}")
         if variant not in UNIPC_VARIANTS:
@@ -216,6 +268,7 @@ class MultistepSolver:
         self.lower_order_final = (default_lower_order_final(method, len(s) - 1, s[-1] == 0)
                                   if lower_order_final is None else lower_order_final)
         self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
+        self.sigma_steps = sigma_steps
         self.corrections = check_corrections(corrections, len(s) - 1)
 
     def state(self) -> tuple:
@@ -231,7 +284,8 @@ class MultistepSolver:
         """UniC: x_i corrected with D(x_i, σ_i) (other methods return x unchanged)."""
         if self.method != "unipc" or self.x_last is None:
             return x
-        return unipc_update(self.x_last, self.s, i - 1, self.Ds, self.p_last, self.variant, D_new=denoised)
+        return unipc_update(self.x_last, self.s, i - 1, self.Ds, self.p_last, self.variant, D_new=denoised,
+                            sigma_steps=self.sigma_steps)
 
     def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
         """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
@@ -243,14 +297,15 @@ class MultistepSolver:
         else:
             p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
             self.x_last, self.p_last = x, p
-            x_next = multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant)
+            x_next = multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant, self.sigma_steps)
         return x_next if self.corrections is None else x_next + correction(self.corrections[i], x, self.Ds)
 
 
 def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
                      disable=None, order: int | None = None, variant: str = "bh2",
-                     lower_order_final: bool | None = None, corrections: list[list[float]] | None = None,
-                     grad: str | None = None, grad_last: int | None = None) -> Tensor:
+                     lower_order_final: bool | None = None, sigma_steps: bool = True,
+                     corrections: list[list[float]] | None = None, grad: str | None = None,
+                     grad_last: int | None = None) -> Tensor:
     """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
 
     Args:
@@ -259,13 +314,15 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
         lower_order_final: lower the order on the last steps (UniPC's rule, min(order, steps left));
             False keeps the full order to the end (k-diffusion's LMS, diffusers' schedulers on long grids).
             None (default) lowers it on grids ending in 0 only, so that a split grid's first part keeps
-            full order up to the hand-off, and for dpmpp_2m/deis only below 15 steps, as
+            full order up to the hand-off, and for the exponential integrators only below 15 steps, as
             diffusers does (``default_lower_order_final``).
+        sigma_steps: let the exponential integrators take uneven log-σ steps in σ (``sigma_step``);
+            False extrapolates in log σ on every step, as diffusers' schedulers do.
         corrections: per-step weights of D_i, D_{i−1}, x_i added to each step (fitted by ``tune_sampler``
             to one grid; ``CORRECTION_FEATURES``).
         grad: a ``sampling.grad`` mode; the D history is a checkpoint input (and adjoint state).
     """
-    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final, corrections)
+    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final, sigma_steps, corrections)
 
     def step(i, x, *state):
         solver.set_state(*state)
