@@ -199,6 +199,9 @@ def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
 
 
+CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i")
+
+
 def check_corrections(corrections, steps: int) -> list[list[float]] | None:
     """Per-step correction weights: ``steps`` rows of at most ``len(CORRECTION_FEATURES)`` finite floats."""
     if corrections is None:
@@ -211,14 +214,14 @@ def check_corrections(corrections, steps: int) -> list[list[float]] | None:
     return rows
 
 
-CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i")
+def correction_features(x: Tensor, Ds: list[Tensor]) -> tuple:
+    """The features f = (D_i, D_{i−1}, x_i) of the fitted per-step term; D_{i−1} is None on the first step."""
+    return Ds[0], Ds[1] if len(Ds) > 1 else None, x
 
 
 def correction(weights: list[float], x: Tensor, Ds: list[Tensor]) -> Tensor | float:
-    """The fitted per-step term Σ w_k·f_k over f = (D_i, D_{i−1}, x_i) (S4S-style learned coefficients;
-    D_{i−1} is D_i on the first step)."""
-    features = (Ds[0], Ds[1] if len(Ds) > 1 else Ds[0], x)
-    return sum(w * f for w, f in zip(weights, features) if w != 0.0)
+    """The fitted per-step term Σ w_k·f_k over ``correction_features`` (S4S-style learned coefficients)."""
+    return sum(w * f for w, f in zip(weights, correction_features(x, Ds)) if w != 0.0 and f is not None)
 
 
 def check_order(method: str, order: int | None) -> int:

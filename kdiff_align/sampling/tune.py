@@ -24,7 +24,7 @@ from ..schedules import get_sigmas_exponential, get_sigmas_karras
 from ..testing import CountingDenoiser
 from ..utils import as_sigma, atomic_write, check_finite, check_sigmas
 from .core import check_method, odeint
-from .multistep import MULTISTEP_METHODS, MultistepSolver, correction, multistep_odeint
+from .multistep import MULTISTEP_METHODS, MultistepSolver, correction, correction_features, multistep_odeint
 
 TUNE_METHODS = ("ipndm", "dpmpp_2m", "unipc", "deis")
 FORMAT = "kdiff_align.TunedSampler/1"
@@ -190,30 +190,38 @@ def _theta_of(grid: list[float], log_min: float) -> np.ndarray:
     return np.log(inc)
 
 
-def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
-                corrections: list | None = None, rms: bool = False) -> float:
-    """Mean log per-sample L2 error of ``method`` on ``grid`` against the teacher's final samples.
+def sample_errors(out: Tensor, x0: Tensor) -> tuple[float, float]:
+    """Mean log and RMS of the per-sample L2 errors against the teacher's final samples (inf if not finite).
 
     The log (a geometric mean) weighs the typical item, as the median does: at 5–10 NFE per-item errors
-    span decades, and on multimodal data a few items near a mode boundary would dominate a plain mean.
-    With ``rms`` the root mean square error instead (the outliers' measure).
+    span decades, and on multimodal data a few items near a mode boundary would dominate a plain mean;
+    the RMS is the outliers' measure.
     """
-    sigmas = torch.tensor(grid, dtype=torch.float64)
-    out = multistep_odeint(model, x_T, sigmas, method, extra_args=extra_args, disable=True,
-                           lower_order_final=True, corrections=corrections)
     err = _per_item((out - x0).unsqueeze(0)).double()
-    err = float(err.pow(2).mean().sqrt() if rms else err.clamp_min(1e-300).log().mean())
-    return err if math.isfinite(err) else math.inf
+    stats = float(err.clamp_min(1e-300).log().mean()), float(err.pow(2).mean().sqrt())
+    return tuple(v if math.isfinite(v) else math.inf for v in stats)
+
+
+def run_grid(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, corrections=None) -> Tensor:
+    """The calibration samples of ``method`` on ``grid`` (the final order lowered, as a TunedSampler runs)."""
+    return multistep_odeint(model, x_T, torch.tensor(grid, dtype=torch.float64), method, extra_args=extra_args,
+                            disable=True, lower_order_final=True, corrections=corrections)
+
+
+def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict) -> float:
+    """Mean log per-sample L2 error of ``method`` on ``grid`` against the teacher's final samples."""
+    return sample_errors(run_grid(model, x_T, grid, method, extra_args), x0)[0]
 
 
 def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, per_unit: float,
-                    ridge: float = 1e-3) -> list[list[float]]:
+                    ridge: float = 1e-3) -> tuple[list[list[float]], Tensor]:
     """Per-step correction weights fitted to teacher states on ``grid`` (S4S-style, by least squares).
 
     Step by step along the solver's own trajectory, the weights w_i of (D_i, D_{i−1}, x_i) minimise
     ‖base step + Σ w·f − x*_{i+1}‖² + ridge·Σ w_k²·‖f_k‖² over the calibration batch, x* the teacher's
     state at σ_{i+1} (``per_unit`` teacher steps per unit of log σ): each step pulls the trajectory back
-    onto the teacher's, the last one onto its final sample.
+    onto the teacher's, the last one onto its final sample. Returns the weights and the corrected samples
+    (those of ``run_grid`` with these weights).
     """
     s = grid[:-1]
     counts = [max(2, math.ceil(per_unit * math.log(a / b))) for a, b in zip(s[:-1], s[1:])]
@@ -224,16 +232,14 @@ def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_ar
         denoised = model(x, as_sigma(grid[i], x), **extra_args)
         x = solver.correct(x, i, denoised)
         base = solver.step(x, i, denoised)
-        Ds = solver.Ds
-        features = torch.stack([f.flatten().double() for f in (Ds[0], Ds[1] if len(Ds) > 1 else Ds[0], x)], 1)
-        if len(Ds) == 1:
-            features[:, 1] = 0.0  # D_{i−1} does not exist on the first step
+        present = [f for f in correction_features(x, solver.Ds) if f is not None]  # no D_{i−1} on the first step
+        features = torch.stack([f.flatten().double() for f in present], 1)
         gram = features.T @ features
         gram += ridge * torch.diag(gram.diag().clamp_min(1e-300))
-        w = torch.linalg.lstsq(gram, features.T @ (targets[i] - base).flatten().double()).solution
-        weights.append(w.tolist())
-        x = base + correction(weights[-1], x, Ds)
-    return weights
+        w = iter(torch.linalg.solve(gram, features.T @ (targets[i] - base).flatten().double()).tolist())
+        weights.append([0.0 if f is None else next(w) for f in correction_features(x, solver.Ds)])
+        x = base + correction(weights[-1], x, solver.Ds)
+    return weights, x
 
 
 def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) -> tuple[list[float], float]:
@@ -297,17 +303,17 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
                  for rho in (5, 7, 9)},
               "exponential": get_sigmas_exponential(nfe, sigma_min, sigma_max).double().tolist()}
     del states, Ds
-    objective = lambda m: lambda g, w=None: final_error(counted, x_T, x0, g, m, extra_args, w)  # noqa: E731
+    objective = lambda m: lambda g: final_error(counted, x_T, x0, g, m, extra_args)  # noqa: E731
     errors, refined = search_grids(objective, starts, methods, nfe, math.log(sigma_min),
                                    32 if max_evals is None else max_evals, refine)
     (best, start), error = min(errors.items(), key=lambda kv: kv[1])  # never worse than a start
     grid, solver_kw = refined[best] if start == "refined" else starts[start], {"lower_order_final": True}
     if corrections:  # kept only if they lower both the typical (mean log) and the RMS calibration error
         per_unit = substeps * (len(s) - 1) / math.log(sigma_max / sigma_min)
-        weights = fit_corrections(counted, x_T, grid, best, extra_args, per_unit)
-        errors[best, "corrected"] = objective(best)(grid, weights)
-        rms = [final_error(counted, x_T, x0, grid, best, extra_args, w, rms=True) for w in (None, weights)]
-        if errors[best, "corrected"] < error and rms[1] < rms[0]:
+        weights, corrected = fit_corrections(counted, x_T, grid, best, extra_args, per_unit)
+        errors[best, "corrected"], rms = sample_errors(corrected, x0)
+        if errors[best, "corrected"] < error and rms < sample_errors(run_grid(counted, x_T, grid, best, extra_args),
+                                                                     x0)[1]:
             solver_kw["corrections"], error = weights, errors[best, "corrected"]
     info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
             "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
