@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import trange
 
 from ..cond import cat_kwargs
-from ..sampling import ode_step, sde_step
+from ..sampling import is_tuned, ode_step, sde_step
 from ..sampling.multistep import MultistepSolver
 from ..utils import Generator, append_dims, as_sigma, check_finite, check_sigmas, check_state, nfe_summary
 
@@ -527,7 +527,7 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
         constraint, NaN outside the window) and ``info["nfe"]``: forward and backward evaluations per
         sample, counted, and their total by the NFE rule (``utils.nfe_summary``).
     """
-    if hasattr(sampler, "along"):  # a TunedSampler: its solver on its grid
+    if is_tuned(sampler):  # a TunedSampler: its solver on its grid
         sigmas, sampler = sampler.along(sigmas), sampler.method
     extra_args = check_sampler_inputs(model, x, sigmas, residual, sampler, eta, extra_args)
     check_window(window, sigmas)

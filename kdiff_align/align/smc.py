@@ -310,7 +310,7 @@ def _check_args(model, x, sigmas, reward, num_particles, alpha, tempering, propo
     check_generator(generator, x.shape[0])
 
 
-def _lambdas(tempering, steps: int, reach, gamma, device) -> Tensor | None:
+def tempering_lambdas(tempering, steps: int, reach=0.87, gamma=None, device="cpu") -> Tensor | None:
     """λ for the potential of each step ``[S]`` (λ_S = 1 on the last step, where x₀ = D), None if adaptive."""
     if isinstance(tempering, Tensor):
         lam = tempering.to(device=device, dtype=torch.float64).flatten()
@@ -384,7 +384,7 @@ def sample_smc(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Tens
                 ess_threshold, resampling, select, generator)
     groups, n = x.shape[0], x.shape[1]
     steps = len(sigmas) - 1
-    lam_sched = _lambdas(tempering, steps, reach, gamma, x.device)
+    lam_sched = tempering_lambdas(tempering, steps, reach, gamma, x.device)
     at_potential = _potential_steps(steps, resample_every, resample_window)
     kwargs = _expand_args(extra_args, groups, n)
     reward = CountingReward(reward)

@@ -386,7 +386,7 @@ def check_reward_options(spec: str, model: str, args) -> None:
     given = [flag for flag, value in (("--vlm-url", args.vlm_url), ("--vlm-model", args.vlm_model)) if value]
     if kind != "vlm" and given:
         raise ValueError(f"{' and '.join(given)} only apply to --reward vlm, got --reward {spec}")
-    if kind == "vlm":
+    if kind == "vlm":  # after the flag checks: a missing flag is named before a missing extra
         from ..rewards.vlm import httpx_module
         httpx_module()  # fails here, before the model loads, naming the extra to install
     if kind == "aesthetic" and not args.aesthetic_head:

@@ -231,9 +231,9 @@ class Experiment:
             if not resume:
                 raise FileExistsError(f"{self.directory} already holds an experiment; pass resume=True to continue it")
             saved = json.loads(path.read_text())
-            empty = not read_jsonl(self.directory / "manifest.jsonl")
-            if config is not None and saved != clean and ((reconfigure_empty and empty) or
-                                                          extends(saved, clean, extendable)):
+            if config is not None and saved != clean and (
+                    (reconfigure_empty and not read_jsonl(self.directory / "manifest.jsonl"))
+                    or extends(saved, clean, extendable)):
                 saved = clean  # nothing finished can be mixed with other settings
                 atomic_write_bytes(path, (json.dumps(clean, indent=2, sort_keys=True) + "\n").encode())
             if config is not None and saved != clean:

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..utils import (Generator, append_dims, as_sigma, check_generator, check_sigmas, check_input,
-                    get_ancestral_step, randn_like, to_d)
+                    default_noise_sampler, get_ancestral_step, randn_like, to_d)
 from .grad import check_grad, fixed_noise, grad_context, grad_inputs, run_steps
 from .multistep import MULTISTEP_METHODS, multistep_odeint
 from .sde import SDE_METHODS, sde_run
@@ -30,9 +30,14 @@ METHODS = FIXED_METHODS + MULTISTEP_METHODS + tuple(ADAPTIVE_METHODS)
 NFE_PER_STEP = {"euler": 1, "heun": 2, "dpm2": 2, "rk4": 4, **{m: 1 for m in MULTISTEP_METHODS}}
 
 
+def is_tuned(method) -> bool:
+    """Whether ``method`` is a ``TunedSampler``: a sampler that brings its own grid (``along``)."""
+    return hasattr(method, "along")
+
+
 def check_method(method: str, allowed=METHODS) -> str:
     """Reject unknown integrator names, listing the valid ones (a ``TunedSampler`` passes ``odeint``'s)."""
-    if hasattr(method, "along") and allowed is METHODS:
+    if is_tuned(method) and allowed is METHODS:
         return method
     if method not in allowed:
         raise ValueError(f"method must be one of {', '.join(allowed)}; got {method!r}")
@@ -279,7 +284,7 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
         solver_kw: multistep options: ``order``, ``variant`` (UniPC "bh1"/"bh2"),
             ``lower_order_final``, ``sigma_steps``, ``corrections``.
     """
-    if hasattr(method, "along"):
+    if is_tuned(method):
         sigmas = method.along(sigmas)
         solver_kw, method = {**method.options(sigmas), **solver_kw}, method.method
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=True, end_zero=False)
@@ -333,7 +338,7 @@ def _ancestral(model, x, sigmas, extra_args, callback, disable, eta, s_noise, no
                grad, grad_last) -> Tensor:
     """The Euler-ancestral / Karras β-SDE loop of ``sdeint`` around ``sde_step``, noise fixed per path."""
     s = sigmas.tolist()  # one device sync per run; steps then branch on floats
-    noise_sampler = noise_sampler or (lambda sigma, sigma_next: randn_like(x, generator))
+    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
     noise_sampler = noise_sampler if grad is None else fixed_noise(noise_sampler)
 
     def step(i, x):

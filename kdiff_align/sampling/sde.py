@@ -15,7 +15,7 @@ import torch
 import torchsde
 from torch import Tensor
 
-from ..utils import Generator, as_sigma, check_generator, randn_like
+from ..utils import Generator, as_sigma, check_generator, default_noise_sampler
 from .grad import fixed_noise, run_steps
 
 SDE_METHODS = ("ancestral", "dpm2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -214,7 +214,7 @@ def default_sde_noise(method: str, x: Tensor, generator: Generator) -> Callable:
     without drawing, i.i.d. normals from ``generator`` otherwise."""
     if method in BROWNIAN_METHODS:
         return BrownianTreeNoiseSampler(x, 0.0, math.inf, tree_seeds(generator, x.shape[0]), transform=tree_time)
-    return lambda sigma, sigma_next: randn_like(x, generator)
+    return default_noise_sampler(x, generator)
 
 
 def sde_run(model, x: Tensor, sigmas: Tensor, method: str, *, generator: Generator, noise_sampler: Callable | None,

@@ -11,16 +11,11 @@ from torch import Tensor
 
 from ... import sampling
 from ...align.demon import demon_steps, rollout_steps
-from ...align.smc import tempering_schedule
+from ...align.smc import tempering_lambdas
 
 BASE_STEPS, SEARCH_STEPS, DEMON_GRIDS, SMC_GRIDS = 20, 10, (20, 16, 12), (20, 10, 5)
 NOISE_OPT_STEPS = 6  # few steps, many optimiser steps: the noise-optimisation papers' trade
 ROLLOUT_C_STEPS, ODE_AFTER = 2, 0.11
-
-
-def is_tuned(sampler) -> bool:
-    """Whether ``sampler`` is a ``sampling.TunedSampler`` (a grid of its own) rather than a method name."""
-    return hasattr(sampler, "along")
 
 
 def ode_rows(sampler, steps: int) -> int:
@@ -28,14 +23,14 @@ def ode_rows(sampler, steps: int) -> int:
 
     A tuned sampler integrates its own grid from σ_max: its ``nfe`` rows, whatever ``steps``.
     """
-    if is_tuned(sampler):
+    if sampling.is_tuned(sampler):
         return sampler.nfe
     return (steps - 1) * sampling.NFE_PER_STEP.get(sampler, 1) + 1
 
 
 def tail_rows(sampler, sigma: float, steps: int) -> int:
     """Rows of an ``odeint`` from σ down to 0 over ``steps`` steps (a tuned sampler: its grid below σ)."""
-    if is_tuned(sampler):
+    if sampling.is_tuned(sampler):
         return len(sampler.along(torch.tensor([sigma, 0.0], dtype=torch.float64))) - 1
     return ode_rows(sampler, steps)
 
@@ -45,7 +40,7 @@ def fit_steps(sampler, budget: float, per_row: int = 1, most: int | None = None)
 
     A tuned sampler has one setting: its ``nfe`` steps if they fit (``most`` does not apply), else None.
     """
-    if is_tuned(sampler):
+    if sampling.is_tuned(sampler):
         return sampler.nfe if per_row * sampler.nfe <= budget else None
     steps = 2 if per_row * ode_rows(sampler, 2) <= budget else None
     while steps is not None and (most is None or steps < most) and per_row * ode_rows(sampler, steps + 1) <= budget:
@@ -72,8 +67,7 @@ def smc_rows(steps: int, n: int, guided: bool) -> tuple[int, int]:
 
     A guided step differentiates unless it is the last or its next tempering λ is 0 (DAS's exp schedule).
     """
-    lam = tempering_schedule("exp", steps)[:steps].clone()
-    lam[-1] = 1.0
+    lam = tempering_lambdas("exp", steps)  # sample_smc's default schedule
     return n * steps, n * int((lam[1:] > 0).sum()) if guided else 0
 
 

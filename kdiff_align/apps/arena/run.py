@@ -153,7 +153,7 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
 
 def check_tuned(sampler, pipe) -> None:
     """A tuned sampler must start at the arena model's σ_max (its grid, and so its counted NFE, is for that)."""
-    start, sigma_max = (float(sampler.sigmas[0]), float(pipe.sigmas(2)[0])) if hasattr(sampler, "along") else (1, 1)
+    start, sigma_max = (float(sampler.sigmas[0]), float(pipe.sigmas(2)[0])) if sampling.is_tuned(sampler) else (1, 1)
     if abs(start / sigma_max - 1) > 1e-4:
         raise ValueError(f"sampler: a tuned grid from sigma_max={sigma_max:g} (tune it on toy:fashion), "
                          f"got one from {start:g}")
@@ -162,7 +162,7 @@ def check_tuned(sampler, pipe) -> None:
 def sampler_record(sampler) -> tuple[str, dict | None]:
     """The solver's label, and for a tuned sampler its one-off tuning cost (NFE, seconds if recorded)."""
     label = cliargs.sampler_label(sampler)
-    if not hasattr(sampler, "along"):
+    if not sampling.is_tuned(sampler):
         return label, None
     return label, dict(sampler=label, method=sampler.method, nfe=sampler.nfe, tuning_nfe=sampler.tuning_nfe,
                        tuning_rows=sampler.info.get("tuning_rows"), calibration=sampler.info.get("calibration"),
