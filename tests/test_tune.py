@@ -193,6 +193,21 @@ def test_odeint_with_a_tuned_method_runs_its_grid_and_its_tail():
     assert counted.calls == len(tail) - 1
 
 
+def test_entry_points_that_cannot_run_a_tuned_sampler_reject_it_naming_method():
+    model, tuned = gaussian(2), TunedSampler(torch.tensor([80.0, 1.0, 0.1, 0.0]), "dpmpp_2m")
+    x, up = noises(3, 2, 0) / SIGMA_MAX, torch.tensor([0.1, 1.0, 80.0], dtype=torch.float64)
+    calls = {"oderevert": lambda: ka.oderevert(CountingDenoiser(model), x, up, method=tuned, disable=True),
+             "sdeint": lambda: ka.sdeint(model, x, tuned.sigmas, method=tuned, disable=True),
+             "ode_step": lambda: ka.ode_step(model, x, 1.0, 0.5, method=tuned)}
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^method: a TunedSampler integrates .*forward.*{where}"):
+            call()
+    counted = CountingDenoiser(model)
+    with pytest.raises(ValueError, match="σ decreasing"):
+        ka.oderevert(counted, x, up, method=tuned, disable=True)
+    assert counted.calls == 0  # rejected before the first step
+
+
 def test_demon_and_search_take_a_tuned_sampler():
     from kdiff_align.align.demon import sample_demon
     from kdiff_align.align.search import random_search

@@ -44,6 +44,13 @@ def check_method(method: str, allowed=METHODS) -> str:
     return method
 
 
+def _check_forward_only(method, where: str, allowed) -> None:
+    """Reject a ``TunedSampler`` where ``where`` cannot run it: it integrates forward (σ decreasing) only."""
+    if is_tuned(method):
+        raise ValueError(f"method: a TunedSampler integrates the PF-ODE forward (σ decreasing) only, with odeint; "
+                         f"{where} needs one of {', '.join(allowed)}, got {method!r}")
+
+
 def _last_step(sigma_next) -> bool:
     """True when every item steps to σ = 0 (the final Euler step x = D); mixed grids are rejected.
 
@@ -64,6 +71,7 @@ def ode_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = N
     Works in both directions (σ_next < σ samples, σ_next > σ inverts); a step to σ = 0 is the Euler
     step ``x = denoised``. ``denoised`` may be passed when D(x, σ) is already known.
     """
+    _check_forward_only(method, "ode_step", FIXED_METHODS)
     check_method(method, FIXED_METHODS)
     extra_args = {} if extra_args is None else extra_args
     last = _last_step(sigma_next)
@@ -319,8 +327,9 @@ def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = Non
 
     ``oderevert(model, odeint(model, x, s), revert_sigmas(s)) ≈ x`` up to discretisation error and the
     final step's σ_min·ε term (the data point is taken as the state at σ_min). ``grad`` and
-    ``grad_last`` as in ``odeint``.
+    ``grad_last`` as in ``odeint``. A ``TunedSampler`` is rejected: it integrates σ decreasing only.
     """
+    _check_forward_only(method, "oderevert (σ increasing)", METHODS)
     extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
     model = _shape_checked(model)
     check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)
@@ -382,6 +391,7 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True, end_zero=False)
     model = _shape_checked(model)
     _check_sde_args(eta, beta, generator, x.shape[0])
+    _check_forward_only(method, "sdeint", SDE_METHODS)
     check_method(method, SDE_METHODS)
     check_grad(grad, grad_last)
     if method != "ancestral":
