@@ -337,10 +337,10 @@ def add_steps_argument(p, default: int = 20) -> None:
                    help=argparse.SUPPRESS)
 
 
-def add_sampler_argument(p, help: str) -> None:
+def add_sampler_argument(p, help: str, tuned_cost: str = "its NFE, not --steps") -> None:
     """``--sampler NAME|FILE.json``: a PF-ODE method, or a tuned sampler whose own grid replaces ``--steps``'s."""
     p.add_argument("--sampler", type=sampler_spec, default="heun", metavar="METHOD|TUNED.json",
-                   help=help + "; a file from kdiff-align tune runs its tuned grid (its NFE, not --steps)")
+                   help=f"{help}; a file from kdiff-align tune runs its tuned grid ({tuned_cost})")
 
 
 def add_reward_arguments(p, default: str = "jpeg-small") -> None:

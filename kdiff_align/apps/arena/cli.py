@@ -37,9 +37,8 @@ def add_cli(sub) -> None:
                         "jpeg-large, brightness, contrast")
     p.add_argument("--class", dest="class_name", default=CLASS_NAME, choices=toy.FASHION_CLASSES,
                    help="target class of a bare 'classifier' reward")
-    p.add_argument("--sampler", type=cliargs.sampler_spec, default="heun", metavar="METHOD|TUNED.json",
-                   help="ODE solver of every method's PF-ODE runs; a file from kdiff-align tune runs its tuned grid "
-                        "(its counted NFE; the tuning cost is reported apart)")
+    cliargs.add_sampler_argument(p, help="ODE solver of every method's PF-ODE runs",
+                                 tuned_cost="its counted NFE; the tuning cost is reported apart")
     p.add_argument("--methods", nargs="+", default=None, help="method names or families; not set: all of them")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of every noise")
     p.add_argument("--threads", type=cliargs.positive_int, default=1, help="torch intra-op threads")
