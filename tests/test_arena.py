@@ -65,6 +65,29 @@ def test_counted_nfe_of_every_method_matches_its_formula(pipe):
     assert arena.run_cell(_task(pipe, "jpeg-small"), "guidance-dps", 80) is None  # no gradient of a JPEG size
 
 
+def _demon_config_by_search(pipe, budget, lookahead, sampler):
+    """``costs.demon_config`` as it was: K counted up one by one while the next K still fits."""
+    for steps in costs.DEMON_GRIDS:
+        sigmas = pipe.sigmas(steps)
+        if costs.demon_rows(sigmas, 2, lookahead, sampler) <= budget:
+            K = 2
+            while K < 256 and costs.demon_rows(sigmas, K + 1, lookahead, sampler) <= budget:
+                K += 1
+            return sigmas, K
+    return None
+
+
+def test_demon_config_matches_the_one_by_one_search(pipe):
+    budgets = (0, 40, 55, 60, 79.5, 80, 120, 160, 161, 333.3, 1000, 5000, 40000, 1e6, float("inf"))
+    for sampler in ("heun", "euler", "rk4", _tiny_tuned(pipe)):
+        for lookahead in ("tweedie", "rollout"):
+            for budget in budgets:
+                got, want = (f(pipe, budget, lookahead, sampler) for f in (costs.demon_config, _demon_config_by_search))
+                assert (got is None) == (want is None), (sampler, lookahead, budget)
+                if got is not None:
+                    assert torch.equal(got[0], want[0]) and got[1] == want[1], (sampler, lookahead, budget)
+
+
 def _tiny_tuned(pipe, nfe=5):
     """A tuned sampler without tuning: a 5-step Karras grid of the pipeline for DPM-Solver++(2M), with a
     recorded tuning cost (the arena only reads these fields)."""

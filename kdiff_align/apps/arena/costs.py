@@ -16,6 +16,7 @@ from ...align.smc import tempering_lambdas
 BASE_STEPS, SEARCH_STEPS, DEMON_GRIDS, SMC_GRIDS = 20, 10, (20, 16, 12), (20, 10, 5)
 NOISE_OPT_STEPS = 6  # few steps, many optimiser steps: the noise-optimisation papers' trade
 ROLLOUT_C_STEPS, ODE_AFTER = 2, 0.11
+DEMON_MAX_K = 256  # Demon's candidates per step are capped here however large the budget
 
 
 def ode_rows(sampler, steps: int) -> int:
@@ -76,11 +77,17 @@ def demon_config(pipe, budget: float, lookahead: str, sampler) -> tuple[Tensor, 
     for steps in DEMON_GRIDS:
         sigmas = pipe.sigmas(steps)
         if demon_rows(sigmas, 2, lookahead, sampler) <= budget:
-            K = 2
-            while K < 256 and demon_rows(sigmas, K + 1, lookahead, sampler) <= budget:
-                K += 1
-            return sigmas, K
+            return sigmas, _largest_k(sigmas, budget, lookahead, sampler)
     return None
+
+
+def _largest_k(sigmas: Tensor, budget: float, lookahead: str, sampler, most: int = DEMON_MAX_K) -> int:
+    """The largest K ≤ ``most`` whose ``demon_rows`` fit ``budget``, given that K = 2 fits (rows are affine in K)."""
+    at_2 = demon_rows(sigmas, 2, lookahead, sampler)
+    slope = demon_rows(sigmas, 3, lookahead, sampler) - at_2
+    if slope == 0 or at_2 + (most - 2) * slope <= budget:
+        return most
+    return 2 + int((budget - at_2) // slope)
 
 
 def smc_config(budget: float, guided: bool) -> tuple[int, int] | None:
