@@ -24,7 +24,7 @@ Modules: ``costs`` (each method's rows per image and the fit to a budget), ``met
 """
 from .costs import formula_nfe
 from .methods import METHODS, Task
-from .report import FAMILIES
-from .run import BUDGETS, KEYS, run_arena, run_cell
+from .report import FAMILIES, KEYS
+from .run import BUDGETS, run_arena, run_cell
 
 __all__ = ["BUDGETS", "FAMILIES", "KEYS", "METHODS", "Task", "formula_nfe", "run_arena", "run_cell"]

@@ -11,6 +11,13 @@ from torch import Tensor
 from ...utils import atomic_write
 
 FAMILIES = ("plain", "best_of_n", "demon", "smc", "guidance", "search", "noise")  # noise: noise-opt-*
+KEYS = ("method", "reward_name", "budget_nfe", "nfe", "reward_calls", "reward_rows", "reward", "reward_sem",
+        "heldout_reward", "diversity", "fidelity_fd", "seconds")
+
+
+def table_rows(records: list[dict]) -> list[dict]:
+    """The rows of ``arena.json``: each cell record's ``KEYS``, in order."""
+    return [{k: r[k] for k in KEYS} for r in records]
 
 
 def tuning_line(tuning: dict | None) -> list[str]:
@@ -23,8 +30,7 @@ def tuning_line(tuning: dict | None) -> list[str]:
             f"{seconds}.", ""]
 
 
-def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str, seed: int,
-             tuning: dict | None = None) -> str:
+def markdown(records: list[dict], *, images: int, sampler: str, seed: int, tuning: dict | None = None) -> str:
     """The arena table: one section per reward, one line per method and budget."""
     lines = [f"# Arena: {images} images per cell, solver `{sampler}`, seed {seed}", "", *tuning_line(tuning),
              "NFE = counted network rows per image (a backward pass counts as one); reward ± s.e.m. over images; "
@@ -33,16 +39,16 @@ def markdown(rows: list[dict], details: list[dict], *, images: int, sampler: str
              "those features to the real images of the eval slice; seconds per image; reward calls = calls of the "
              "reward function for the cell's batch of images, reward rows = images scored per image (beside the "
              "NFE, never folded into it).", ""]
-    for reward_name in dict.fromkeys(r["reward_name"] for r in rows):
+    for reward_name in dict.fromkeys(r["reward_name"] for r in records):
         lines += [f"## {reward_name}", "",
                   "| method | budget | NFE | reward calls | reward rows | reward | held-out | diversity | distinct | FD | "
                   "s/img | settings |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r, d in zip(rows, details):
+        for r in records:
             if r["reward_name"] == reward_name:
                 lines.append(f"| {r['method']} | {r['budget_nfe']} | {r['nfe']:.1f} | {r['reward_calls']} | "
                              f"{r['reward_rows']:.1f} | {r['reward']:+.3f} ± "
                              f"{r['reward_sem']:.3f} | {r['heldout_reward']:+.3f} | {r['diversity']:.2f} | "
-                             f"{d['distinct']:.2f} | {r['fidelity_fd']:.1f} | {r['seconds']:.2f} | {d['hyper']} |")
+                             f"{r['distinct']:.2f} | {r['fidelity_fd']:.1f} | {r['seconds']:.2f} | {r['hyper']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -91,19 +97,19 @@ def save_grid(images: dict[str, tuple[Tensor, Tensor]], path: Path, title: str) 
     plt.close(fig)
 
 
-def write_outputs(out: Path, rows: list[dict], details: list[dict], grids: dict, *, images: int, sampler: str,
-                  seed: int, tuning: dict | None = None) -> None:
+def write_outputs(out: Path, records: list[dict], grids: dict, *, images: int, sampler: str, seed: int,
+                  tuning: dict | None = None) -> None:
     """arena.json, arena.md, pareto.png and ``<method>.png`` (the largest budget's samples) into ``out``;
     with a tuned sampler also ``tuning.json``, its one-off cost (``tuning``) reported apart from the NFE."""
     import matplotlib
     matplotlib.use("Agg")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "arena.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
+    atomic_write(out / "arena.json", lambda tmp: tmp.write_text(json.dumps(table_rows(records), indent=1)))
     if tuning is not None:
         atomic_write(out / "tuning.json", lambda tmp: tmp.write_text(json.dumps(tuning, indent=1)))
-    text = markdown(rows, details, images=images, sampler=sampler, seed=seed, tuning=tuning)
+    text = markdown(records, images=images, sampler=sampler, seed=seed, tuning=tuning)
     atomic_write(out / "arena.md", lambda tmp: tmp.write_text(text))
-    if rows:
-        save_pareto(rows, out / "pareto.png")
+    if records:
+        save_pareto(records, out / "pareto.png")
     for name, by_reward in grids.items():
         save_grid(by_reward, out / f"{name}.png", f"{name}: largest budget, same noises")

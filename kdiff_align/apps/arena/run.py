@@ -22,13 +22,11 @@ from ...testing import CountingDenoiser
 from ...utils import CountingReward, nfe_summary
 from .. import cliargs, experiment
 from .methods import METHODS, Task
-from .report import write_outputs
+from .report import table_rows, write_outputs
 from .scores import is_differentiable, reference_features, resolve_rewards, score
 
 CLASS_NAME = "bag"
 BUDGETS = (40, 80, 160, 320)
-KEYS = ("method", "reward_name", "budget_nfe", "nfe", "reward_calls", "reward_rows", "reward", "reward_sem",
-        "heldout_reward", "diversity", "fidelity_fd", "seconds")
 
 
 def check_args(budgets, images: int, sampler, class_name: str, methods) -> list[str]:
@@ -143,12 +141,11 @@ def run_arena(out: str | os.PathLike | None = "arena_out", *, rewards=("classifi
                     records.append(record)
                     if log is not None:
                         log(progress_line(record))
-    rows = [{k: r[k] for k in KEYS} for r in records]
     if exp is not None:
-        write_outputs(folder, rows, records, grids(exp, records, max(budgets)), images=images, sampler=label,
-                      seed=seed, tuning=tuning)
+        write_outputs(folder, records, grids(exp, records, max(budgets)), images=images, sampler=label, seed=seed,
+                      tuning=tuning)
         exp.mark_complete()
-    return rows
+    return table_rows(records)
 
 
 def check_tuned(sampler, pipe) -> None:
