@@ -64,6 +64,22 @@ def _check(noise, sigmas, iterations, grad, beta) -> None:
         raise ValueError("grad='adjoint' cannot reach the per-step SDE noises; use grad='checkpoint' or 'full'")
 
 
+def _start(noise: Tensor) -> tuple[Tensor, dict]:
+    """The variable z (a leaf copy of ``noise``) and the record of the run: per item the best sample so far
+    (none yet) and the reward trace."""
+    z = noise.detach().clone().requires_grad_()
+    best = {"x": noise.new_zeros(()), "noise": z.detach(), "reward": noise.new_full((noise.shape[0],), -math.inf)}
+    return z, {**best, "rewards": []}
+
+
+def _evaluate(sample: Callable, z: Tensor, steps: list[Tensor], record: dict) -> tuple[Tensor, Tensor]:
+    """x₀ and r[B] of z through ``sample``, recorded: the best sample per item kept, r added to the trace."""
+    x0, r = sample(z, steps)
+    _keep_best(record, x0, z, r)
+    record["rewards"].append(r.detach())
+    return x0, r
+
+
 def _keep_best(best: dict, x0: Tensor, z: Tensor, r: Tensor) -> None:
     """Per item, the highest-reward sample seen so far (every evaluated sample is a genuine sample of its z)."""
     better = r.detach() > best["reward"]
@@ -73,10 +89,16 @@ def _keep_best(best: dict, x0: Tensor, z: Tensor, r: Tensor) -> None:
     best["reward"] = torch.where(better, r.detach(), best["reward"])
 
 
-def _result(best, trace, counted: CountingDenoiser, reward: CountingReward) -> dict:
-    return {**best, "rewards": torch.stack(trace), "nfe": nfe_summary(counted.rows, counted.backward_rows,
-                                                                      reward_calls=reward.calls,
-                                                                      reward_rows=reward.rows)}
+def _notify(callback: Callable | None, iteration: int, x0: Tensor, r: Tensor) -> None:
+    """``callback({"iteration", "reward", "x"})`` after an evaluation, when one is given."""
+    if callback is not None:
+        callback({"iteration": iteration, "reward": r.detach(), "x": x0.detach()})
+
+
+def _result(record: dict, counted: CountingDenoiser, reward: CountingReward) -> dict:
+    """The record with its reward trace stacked ``[evaluations, B]`` and the counted NFE."""
+    return {**record, "rewards": torch.stack(record["rewards"]),
+            "nfe": nfe_summary(counted.rows, counted.backward_rows, reward_calls=reward.calls, reward_rows=reward.rows)}
 
 
 def dno(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations: int, lr: float = 0.05,
@@ -98,23 +120,18 @@ def dno(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations: i
     """
     _check(noise, sigmas, iterations, grad, beta)
     counted, counted_reward = CountingDenoiser(model), CountingReward(reward)
-    z = noise.detach().clone().requires_grad_()
+    z, record = _start(noise)
     steps = [randn_like(noise, generator).requires_grad_() for _ in range(len(sigmas) - 2)] if beta is not None else []
     sample = _objective(counted, sigmas, counted_reward, beta, method, grad, extra_args)
     optimiser = torch.optim.Adam([z, *steps], lr=lr)
-    best = {"x": noise.new_zeros(()), "noise": z.detach(), "reward": noise.new_full((noise.shape[0],), -math.inf)}
-    trace = []
     for k in range(iterations):
-        x0, r = sample(z, steps)
-        _keep_best(best, x0, z, r)
-        trace.append(r.detach())
+        x0, r = _evaluate(sample, z, steps, record)
         penalty = sum(shell_penalty(v).sum() for v in [z, *steps])
         optimiser.zero_grad()
         (reg * penalty - r.sum()).backward()
         optimiser.step()
-        if callback is not None:
-            callback({"iteration": k, "reward": r.detach(), "x": x0.detach()})
-    return _result(best, trace, counted, counted_reward)
+        _notify(callback, k, x0, r)
+    return _result(record, counted, counted_reward)
 
 
 class _BudgetSpent(Exception):
@@ -135,22 +152,17 @@ def dflow(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations:
     """
     _check(noise, sigmas, iterations, grad, None)
     counted, counted_reward = CountingDenoiser(model), CountingReward(reward)
-    z = noise.detach().clone().requires_grad_()
+    z, record = _start(noise)
     sample = _objective(counted, sigmas, counted_reward, None, method, grad, extra_args)
     optimiser = torch.optim.LBFGS([z], lr=lr, max_iter=iterations, max_eval=iterations,
                                   line_search_fn="strong_wolfe")
-    best = {"x": noise.new_zeros(()), "noise": z.detach(), "reward": noise.new_full((noise.shape[0],), -math.inf)}
-    trace = []
 
     def closure():
-        if len(trace) == iterations:  # a line search may ask for more than max_eval: the budget is hard
+        if len(record["rewards"]) == iterations:  # a line search may ask for more than max_eval: the budget is hard
             raise _BudgetSpent
         optimiser.zero_grad()
-        x0, r = sample(z, [])
-        _keep_best(best, x0, z, r)
-        trace.append(r.detach())
-        if callback is not None:
-            callback({"iteration": len(trace) - 1, "reward": r.detach(), "x": x0.detach()})
+        x0, r = _evaluate(sample, z, [], record)
+        _notify(callback, len(record["rewards"]) - 1, x0, r)
         loss = reg * shell_penalty(z).sum() - r.sum()
         loss.backward()
         return loss
@@ -159,4 +171,4 @@ def dflow(model, noise: Tensor, sigmas: Tensor, reward: Callable, *, iterations:
         optimiser.step(closure)
     except _BudgetSpent:
         pass
-    return _result(best, trace, counted, counted_reward)
+    return _result(record, counted, counted_reward)
