@@ -516,7 +516,8 @@ def sample_constrained(model, x: Tensor, sigmas: Tensor, residual: Callable[[Ten
             η ≈ 0.16), ``"euler"``, ``"heun"`` or a multistep PF-ODE solver (``"dpmpp_2m"``,
             ``"dpmpp_3m"``, ``"deis"``, ``"lms"``, ``"ipndm"``; one evaluation per step, with the
             post-constraint x̂₀ as their history), or a ``TunedSampler``: its solver on its grid, without its
-            fitted corrections (they pull towards the unconstrained teacher, against the constraint).
+            fitted corrections and input σ values (they pull towards the unconstrained teacher, against the
+            constraint).
         window: ``None`` (every step, as the reference), ``(sigma_lo, sigma_hi)`` or ``callable(sigma) -> bool``;
             one that selects no step σ_i of the grid is rejected (``check_window``).
         sigma_data: the data's RMS scale for ``utils.check_state`` after every Newton iteration and solver

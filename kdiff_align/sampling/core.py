@@ -290,7 +290,7 @@ def odeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
             fixed grids, torchdiffeq's ``odeint_adjoint`` for the adaptive methods); see ``sampling.grad``.
         grad_last: with ``grad``, differentiate only the last K steps (DRaFT-K).
         solver_kw: multistep options: ``order``, ``variant`` (UniPC "bh1"/"bh2"),
-            ``lower_order_final``, ``sigma_steps``, ``corrections``.
+            ``lower_order_final``, ``sigma_steps``, ``corrections``, ``input_sigmas``.
     """
     if is_tuned(method):
         sigmas = method.along(sigmas)

@@ -214,6 +214,17 @@ def check_corrections(corrections, steps: int) -> list[list[float]] | None:
     return rows
 
 
+def check_input_sigmas(input_sigmas, s: list[float]) -> list[float] | None:
+    """The σ given to the network at each step: one positive finite float per step of the grid ``s``."""
+    if input_sigmas is None:
+        return None
+    values = [float(v) for v in input_sigmas] if isinstance(input_sigmas, (list, tuple)) else None
+    if values is None or len(values) != len(s) - 1 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"input_sigmas must be {len(s) - 1} positive finite floats (one per step); "
+                         f"got {input_sigmas!r:.200}")
+    return values
+
+
 def correction_features(x: Tensor, Ds: list[Tensor]) -> tuple:
     """The features f = (D_i, D_{i−1}, x_i) of the fitted per-step term; D_{i−1} is None on the first step."""
     return Ds[0], Ds[1] if len(Ds) > 1 else None, x
@@ -262,7 +273,7 @@ class MultistepSolver:
 
     def __init__(self, method: str, s: list[float], order: int | None = None, variant: str = "bh2",
                  lower_order_final: bool | None = None, sigma_steps: bool = True,
-                 corrections: list[list[float]] | None = None):
+                 corrections: list[list[float]] | None = None, input_sigmas: list[float] | None = None):
         if method not in MULTISTEP_METHODS:
             raise ValueError(f"method must be one of {', '.join(MULTISTEP_METHODS)}; got {method!r}")
         if variant not in UNIPC_VARIANTS:
@@ -273,6 +284,11 @@ class MultistepSolver:
         self.Ds, self.ds, self.x_last, self.p_last = [], [], None, 0
         self.sigma_steps = sigma_steps
         self.corrections = check_corrections(corrections, len(s) - 1)
+        self.input_sigmas = check_input_sigmas(input_sigmas, s)
+
+    def model_sigma(self, i: int) -> float:
+        """The σ at which step i evaluates the network: ``input_sigmas[i]`` if given, else σ_i."""
+        return self.s[i] if self.input_sigmas is None else self.input_sigmas[i]
 
     def state(self) -> tuple:
         """The history as a flat tuple ``(x_last, p_last, *Ds, *ds)``: the inputs of a pure step (``sampling.grad``)."""
@@ -307,8 +323,8 @@ class MultistepSolver:
 def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_args: dict, callback=None,
                      disable=None, order: int | None = None, variant: str = "bh2",
                      lower_order_final: bool | None = None, sigma_steps: bool = True,
-                     corrections: list[list[float]] | None = None, grad: str | None = None,
-                     grad_last: int | None = None) -> Tensor:
+                     corrections: list[list[float]] | None = None, input_sigmas: list[float] | None = None,
+                     grad: str | None = None, grad_last: int | None = None) -> Tensor:
     """Integrate the PF-ODE along ``sigmas`` with a multistep ``method`` (one evaluation per step).
 
     Args:
@@ -323,13 +339,16 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
             False extrapolates in log σ on every step, as diffusers' schedulers do.
         corrections: per-step weights of D_i, D_{i−1}, x_i added to each step (fitted by ``tune_sampler``
             to one grid; ``CORRECTION_FEATURES``).
+        input_sigmas: the σ passed to the network at each step instead of σ_i (decoupled time steps, LD3,
+            Tong et al. 2024; fitted by ``tune_sampler`` to one grid); the solver still steps along ``sigmas``.
         grad: a ``sampling.grad`` mode; the D history is a checkpoint input (and adjoint state).
     """
-    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final, sigma_steps, corrections)
+    solver = MultistepSolver(method, sigmas.tolist(), order, variant, lower_order_final, sigma_steps, corrections,
+                             input_sigmas)
 
     def step(i, x, *state):
         solver.set_state(*state)
-        denoised = model(x, as_sigma(solver.s[i], x), **extra_args)
+        denoised = model(x, as_sigma(solver.model_sigma(i), x), **extra_args)
         x = solver.correct(x, i, denoised)
         x_next = solver.step(x, i, denoised)
         return x_next, {"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised}, \

@@ -3,9 +3,10 @@
 ``tune_sampler`` solves the PF-ODE finely from calibration noises (the teacher), picks a K-step grid
 by dynamic programming over one-step costs between candidate σ values (GITS, Chen et al. 2024), then
 refines the grid's interior log σ end to end against the teacher's final samples with the multistep
-solver that will run it (derivative-free; the ordering is kept by softmax increments in log σ), and
-keeps the best solver among a few. A ``TunedSampler`` binds the grid: ``tuned(model, x)`` makes
-exactly ``nfe`` network evaluations. Usage and measurements: docs/solvers.md.
+solver that will run it (derivative-free; the ordering is kept by softmax increments in log σ), keeps
+the best solver among a few, then fits per-step correction weights (S4S-style) and the σ given to the
+network at each step (decoupled from the grid, as LD3) by backpropagation through the sampler. A
+``TunedSampler`` binds the grid: ``tuned(model, x)`` makes exactly ``nfe`` network evaluations. Usage and measurements: docs/solvers.md.
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ from tqdm.auto import trange
 
 from ..schedules import get_sigmas_exponential, get_sigmas_karras
 from ..testing import CountingDenoiser
-from ..utils import as_sigma, atomic_write, check_finite, check_sigmas
+from ..utils import as_sigma, atomic_write, check_finite, check_sigmas, nfe_summary
 from .core import check_method, odeint
 from .multistep import MULTISTEP_METHODS, MultistepSolver, correction, correction_features, multistep_odeint
 
 TUNE_METHODS = ("ipndm", "dpmpp_2m", "unipc", "deis")
 FORMAT = "kdiff_align.TunedSampler/1"
+FITTED = ("corrections", "input_sigmas")  # solver options fitted to the whole grid
 
 
 class TunedSampler:
@@ -73,10 +75,10 @@ class TunedSampler:
         return torch.tensor([start, *inner, end], dtype=torch.float64, device=sigmas.device)
 
     def options(self, sigmas: Tensor) -> dict:
-        """The solver options for a grid from ``along``: the fitted ``corrections`` belong to the whole tuned
-        grid, so a part of it (a later start, an ODE tail) runs the plain solver."""
+        """The solver options for a grid from ``along``: the fitted ``corrections`` and ``input_sigmas`` belong
+        to the whole tuned grid, so a part of it (a later start, an ODE tail) runs the plain solver."""
         whole = len(sigmas) == len(self.sigmas) and bool((sigmas.cpu().double() == self.sigmas).all())
-        return {k: v for k, v in self.solver_kw.items() if k != "corrections" or whole}
+        return {k: v for k, v in self.solver_kw.items() if k not in FITTED or whole}
 
     def __repr__(self) -> str:
         grid = ", ".join(f"{s:.4g}" for s in self.sigmas.tolist())
@@ -202,10 +204,11 @@ def sample_errors(out: Tensor, x0: Tensor) -> tuple[float, float]:
     return tuple(v if math.isfinite(v) else math.inf for v in stats)
 
 
-def run_grid(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, corrections=None) -> Tensor:
-    """The calibration samples of ``method`` on ``grid`` (the final order lowered, as a TunedSampler runs)."""
+def run_grid(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, **fitted) -> Tensor:
+    """The calibration samples of ``method`` on ``grid`` (the final order lowered, as a TunedSampler runs),
+    with ``fitted`` options (``corrections``, ``input_sigmas``)."""
     return multistep_odeint(model, x_T, torch.tensor(grid, dtype=torch.float64), method, extra_args=extra_args,
-                            disable=True, lower_order_final=True, corrections=corrections)
+                            disable=True, lower_order_final=True, **fitted)
 
 
 def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict) -> float:
@@ -242,6 +245,54 @@ def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_ar
     return weights, x
 
 
+def corrected_run(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, u: Tensor, v: Tensor,
+                  scales: list[list[float]] | None) -> tuple[Tensor, list[list[float]]]:
+    """The calibration samples with correction weights u·scale, the network evaluated at σ_i·e^{v_i} (``u``
+    and ``v`` may require grad); ``scales`` None takes 1 / each feature's RMS along this run, so that u is
+    the RMS of the term it adds. Returns the samples and the scales."""
+    solver = MultistepSolver(method, grid, lower_order_final=True)
+    x, found = x_T, []
+    for i in range(len(grid) - 1):
+        denoised = model(x, as_sigma(grid[i] * v[i].exp(), x), **extra_args)
+        x = solver.correct(x, i, denoised)
+        base, features = solver.step(x, i, denoised), correction_features(x, solver.Ds)
+        found.append([1.0 if f is None else 1 / float(f.detach().pow(2).mean().sqrt().clamp_min(1e-30)) for f in features])
+        row = found[-1] if scales is None else scales[i]
+        x = base + sum(u[i, k] * row[k] * f for k, f in enumerate(features) if f is not None)
+    return x, found if scales is None else scales
+
+
+def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
+                       weights: list[list[float]], iters: int, lr: float = 0.01) -> tuple[dict, int]:
+    """End-to-end fit of the correction weights and of the σ at which each step evaluates the network
+    (decoupled time steps, as LD3, Tong et al. 2024; S4S fits its coefficients end to end too): Adam on the
+    mean log error of the final sample against the teacher's, by backpropagation through the solver and
+    the network, from the least-squares weights and the grid's σ. Returns the best solver options seen
+    (``corrections``, ``input_sigmas``) and the backward calls made."""
+    like = dict(dtype=x_T.dtype, device=x_T.device)
+    v = torch.zeros(len(weights), **like, requires_grad=True)
+    with torch.no_grad():
+        _, scales = corrected_run(model, x_T, grid, method, extra_args, torch.zeros(len(weights), 3, **like), v, None)
+    u = torch.tensor([[w / c for w, c in zip(row, sc)] for row, sc in zip(weights, scales)], **like,
+                     requires_grad=True)
+    opt, best, backward = torch.optim.Adam([u, v], lr=lr), (math.inf, u.detach().clone(), v.detach().clone()), 0
+    with torch.enable_grad():
+        for _ in range(iters):
+            out, _ = corrected_run(model, x_T, grid, method, extra_args, u, v, scales)
+            loss = _per_item((out - x0).unsqueeze(0)).clamp_min(1e-30).log().mean()
+            if not torch.isfinite(loss):
+                break
+            if loss.item() < best[0]:
+                best = (loss.item(), u.detach().clone(), v.detach().clone())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            backward += len(grid) - 1
+    rows = [[w * c for w, c in zip(row, sc)] for row, sc in zip(best[1].tolist(), scales)]
+    inputs = [s * math.exp(c) for s, c in zip(grid[:-1], best[2].tolist())]
+    return {"corrections": rows, "input_sigmas": inputs}, backward
+
+
 def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) -> tuple[list[float], float]:
     """End-to-end refinement of the interior log σ (Nelder–Mead on softmax increments)."""
     fun = lambda theta: objective(_grid_of(theta, grid[0], log_min))  # noqa: E731
@@ -271,12 +322,13 @@ def search_grids(objective, starts: dict, methods, nfe: int, log_min: float, max
 def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None, sigma_min: float | None = None,
                  sigma_max: float | None = None, method=None, disable: bool | None = None, candidates: int = 24,
                  substeps: int = 4, max_evals: int | None = None, refine: int = 2,
-                 corrections: bool = True) -> TunedSampler:
-    """Fit an ``nfe``-step grid, solver and per-step corrections to ``model`` on calibration noises.
+                 corrections: bool = True, end_to_end: int = 40) -> TunedSampler:
+    """Fit an ``nfe``-step grid, solver, per-step corrections and input σ to ``model`` on calibration noises.
 
     GITS dynamic programming over a teacher solve, end-to-end Nelder–Mead refinement of the grid, then
-    per-step correction weights fitted to the teacher (``fit_corrections``), kept only if they lower the
-    calibration error, both its mean log and its RMS.
+    per-step correction weights fitted to the teacher by least squares and, from them, end to end by
+    backpropagation together with the σ at which each step evaluates the network (``choose_corrections``;
+    kept only if they lower the calibration error, both its mean log and its RMS).
 
     Args:
         x_T: calibration noises ``[n, ...]`` already scaled to σ_max (n ≥ 2; 32–256 typical).
@@ -290,6 +342,8 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
             best start (GITS, Karras ρ = 5, 7, 9 or exponential grid).
         refine: how many solvers to refine, those whose best start is best first.
         corrections: fit per-step correction weights (S4S-style) on the chosen grid.
+        end_to_end: Adam steps refining those weights by backpropagation through the sampler (each costs
+            ``nfe`` forward and ``nfe`` backward calls, counted in ``tuning_nfe``); 0 keeps the least squares.
     """
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method)
     sigma_min, sigma_max = _sigma_range(model, x_T, sigma_min, sigma_max)
@@ -308,17 +362,41 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
                                    32 if max_evals is None else max_evals, refine)
     (best, start), error = min(errors.items(), key=lambda kv: kv[1])  # never worse than a start
     grid, solver_kw = refined[best] if start == "refined" else starts[start], {"lower_order_final": True}
-    if corrections:  # kept only if they lower both the typical (mean log) and the RMS calibration error
+    backward = 0
+    if corrections:
         per_unit = substeps * (len(s) - 1) / math.log(sigma_max / sigma_min)
-        weights, corrected = fit_corrections(counted, x_T, grid, best, extra_args, per_unit)
-        errors[best, "corrected"], rms = sample_errors(corrected, x0)
-        if errors[best, "corrected"] < error and rms < sample_errors(run_grid(counted, x_T, grid, best, extra_args),
-                                                                     x0)[1]:
-            solver_kw["corrections"], error = weights, errors[best, "corrected"]
+        options, corrected, backward = choose_corrections(counted, x_T, x0, grid, best, extra_args, per_unit,
+                                                          end_to_end, errors)
+        solver_kw.update(options)
+        error = min(error, corrected)
     info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
             "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
-            "sigma_max": sigma_max, "tuning_rows": counted.rows, "seconds": round(time.perf_counter() - clock, 3)}
-    return TunedSampler(grid, best, solver_kw=solver_kw, tuning_nfe=counted.calls, info=info)
+            "sigma_max": sigma_max, "tuning_rows": counted.rows, "backward_calls": backward,
+            "seconds": round(time.perf_counter() - clock, 3)}
+    tuning_nfe = nfe_summary(counted.calls, backward)["total"]
+    return TunedSampler(grid, best, solver_kw=solver_kw, tuning_nfe=round(tuning_nfe), info=info)
+
+
+def choose_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
+                       per_unit: float, end_to_end: int, errors: dict) -> tuple[dict, float, int]:
+    """Least-squares correction weights (``fit_corrections``), then those and the network's input σ fitted
+    end to end (``refine_corrections``, ``end_to_end`` Adam steps): the options with the lower mean log
+    calibration error among those that also lower the plain run's RMS (on mixtures weights can buy a
+    better median with more items in the wrong mode), or none; returns them, their mean log error (the
+    plain run's if none) and the backward calls spent. Each fit's mean log error goes into ``errors``."""
+    plain = sample_errors(run_grid(model, x_T, grid, method, extra_args), x0)
+    weights, corrected = fit_corrections(model, x_T, grid, method, extra_args, per_unit)
+    found, backward = {"least_squares": ({"corrections": weights}, sample_errors(corrected, x0))}, 0
+    if end_to_end > 0:
+        options, backward = refine_corrections(model, x_T, x0, grid, method, extra_args, weights, end_to_end)
+        found["end_to_end"] = options, sample_errors(run_grid(model, x_T, grid, method, extra_args, **options), x0)
+    kept = []
+    for name, (options, (log_error, rms)) in found.items():
+        errors[method, name] = log_error
+        if log_error < plain[0] and rms < plain[1]:
+            kept.append((log_error, options))
+    error, options = min(kept, key=lambda kv: kv[0], default=(plain[0], {}))
+    return options, error, backward
 
 
 def _sigma_range(model, x_T: Tensor, sigma_min, sigma_max) -> tuple[float, float]:
