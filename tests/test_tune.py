@@ -236,9 +236,10 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
     from kdiff_align.apps import cli
     out = tmp_path / "tuned.json"
     assert cli.main(["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(out), "--prompt", "dark",
-                     "--cfg", "1.5", "--calib", "8", "--max-evals", "6", "--no-progress"]) == 0
+                     "--cfg", "1.5", "--calib", "8", "--max-evals", "6", "--end-to-end", "5", "--no-progress"]) == 0
     tuned = TunedSampler.load(out)
     assert tuned.nfe == 3 and tuned.info["cfg"] == 1.5 and tuned.tuning_nfe > 0
+    assert tuned.info["backward_calls"] == 5 * 3  # the end-to-end steps reached the model's gradients
     gen = tmp_path / "gen"
     assert cli.main(["generate", "--model", "toy:mixture", "--prompt", "dark", "--seeds", "0-1", "--cfg", "1.5",
                      "--method", "best_of_n", "--n", "3", "--reward", "brightness", "--sampler", str(out),
@@ -254,6 +255,8 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
     capsys.readouterr()
     for argv, words in ((["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(tmp_path / "t.txt")], "--out"),
                         (["tune", "--model", "toy:mixture", "--nfe", "0", "--out", str(out)], "--nfe"),
+                        (["tune", "--model", "toy:mixture", "--nfe", "3", "--end-to-end", "-1", "--out", str(out)],
+                         "--end-to-end"),
                         (["generate", "--model", "toy:mixture", "--prompt", "dark", "--out", str(tmp_path / "g2"),
                           "--sampler", str(tmp_path / "missing.json")], "--sampler")):
         try:
@@ -315,7 +318,8 @@ def test_bad_corrections_fail_naming_the_argument(corrections):
 def test_end_to_end_fit_lowers_the_held_out_error_counts_its_backward_calls_and_applies_on_the_whole_grid(tmp_path):
     model, x_T, nfe, iters = gaussian(8), noises(64, 8, 0), 5, 40
     kw = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
-    fitted, least = tune_sampler(model, x_T, nfe, end_to_end=iters, **kw), tune_sampler(model, x_T, nfe, end_to_end=0, **kw)
+    fitted = tune_sampler(model, x_T, nfe, end_to_end=iters, **kw)
+    least = tune_sampler(model, x_T, nfe, end_to_end=0, **kw)
     assert torch.equal(fitted.sigmas, least.sigmas) and "input_sigmas" not in least.solver_kw
     inputs = fitted.solver_kw["input_sigmas"]
     assert len(inputs) == nfe and inputs != fitted.sigmas[:-1].tolist()

@@ -4,9 +4,10 @@
     kdiff-align generate --model toy:fashion --prompt sneaker --sampler tuned.json --out runs/fast
 
 ``sampling.tune_sampler`` solves the PF-ODE finely from ``--calib`` seeded noises (the teacher) and fits
-the σ grid, solver and per-step corrections of an ``--nfe``-evaluation sampler to its final samples
-(GITS dynamic programming, an end-to-end refinement, then least-squares corrections). Tune per guidance scale: a grid fitted at CFG 3 is not
-the one for CFG 7.
+the σ grid, solver, per-step corrections and network input σ of an ``--nfe``-evaluation sampler to its
+final samples (GITS dynamic programming, a derivative-free refinement of the grid, least-squares
+corrections, then ``--end-to-end`` Adam steps through the model's gradients). Tune per guidance scale: a
+grid fitted at CFG 3 is not the one for CFG 7.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def add_cli(sub) -> None:
     p.add_argument("--calib", type=cliargs.int_at_least(2), default=32, help="calibration noises")
     p.add_argument("--max-evals", type=cliargs.nonnegative_int, default=None,
                    help="sampler runs of each refined solver (default 32; 0: the best start grid only)")
+    p.add_argument("--end-to-end", type=cliargs.nonnegative_int, default=40,
+                   help="Adam steps fitting the corrections through the model's gradients (0: least squares only)")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the calibration noises")
     p.add_argument("--device", type=cliargs.device, default=None, help="cuda when available, else cpu")
     p.add_argument("--threads", type=cliargs.positive_int, default=1, help="torch intra-op threads")
@@ -59,7 +62,8 @@ def cli_main(args) -> int:
     x_T = pipe.get_init_latent(args.calib, torch.Generator(device).manual_seed(args.seed))
     clock = time.perf_counter()
     tuned = sampling.tune_sampler(model, x_T, args.nfe, sigma_min=pipe.sigma_min, sigma_max=pipe.sigma_max,
-                                  max_evals=args.max_evals, disable=args.no_progress or None)
+                                  max_evals=args.max_evals, end_to_end=args.end_to_end,
+                                  disable=args.no_progress or None)
     tuned.info.update(model=args.model, prompt=args.prompt, cfg=args.cfg, seed=args.seed)
     tuned.save(out)
     print(f"{tuned!r}\ntuning: {tuned.tuning_nfe} network calls on {args.calib} noises, "

@@ -6,7 +6,8 @@ refines the grid's interior log σ end to end against the teacher's final sample
 solver that will run it (derivative-free; the ordering is kept by softmax increments in log σ), keeps
 the best solver among a few, then fits per-step correction weights (S4S-style) and the σ given to the
 network at each step (decoupled from the grid, as LD3) by backpropagation through the sampler. A
-``TunedSampler`` binds the grid: ``tuned(model, x)`` makes exactly ``nfe`` network evaluations. Usage and measurements: docs/solvers.md.
+``TunedSampler`` binds the grid: ``tuned(model, x)`` makes exactly ``nfe`` network evaluations. Usage
+and measurements: docs/solvers.md.
 """
 from __future__ import annotations
 
@@ -256,7 +257,8 @@ def corrected_run(model, x_T: Tensor, grid: list[float], method: str, extra_args
         denoised = model(x, as_sigma(grid[i] * v[i].exp(), x), **extra_args)
         x = solver.correct(x, i, denoised)
         base, features = solver.step(x, i, denoised), correction_features(x, solver.Ds)
-        found.append([1.0 if f is None else 1 / float(f.detach().pow(2).mean().sqrt().clamp_min(1e-30)) for f in features])
+        found.append([1.0 if f is None else 1 / float(f.detach().pow(2).mean().sqrt().clamp_min(1e-30))
+                      for f in features])
         row = found[-1] if scales is None else scales[i]
         x = base + sum(u[i, k] * row[k] * f for k, f in enumerate(features) if f is not None)
     return x, found if scales is None else scales
