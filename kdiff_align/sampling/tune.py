@@ -274,7 +274,8 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
     like = dict(dtype=x_T.dtype, device=x_T.device)
     v = torch.zeros(len(weights), **like, requires_grad=True)
     with torch.no_grad():
-        _, scales = corrected_run(model, x_T, grid, method, extra_args, torch.zeros(len(weights), 3, **like), v, None)
+        zero = torch.zeros(len(weights), len(weights[0]), **like)
+        _, scales = corrected_run(model, x_T, grid, method, extra_args, zero, v, None)
     u = torch.tensor([[w / c for w, c in zip(row, sc)] for row, sc in zip(weights, scales)], **like,
                      requires_grad=True)
     opt, best, backward = torch.optim.Adam([u, v], lr=lr), (math.inf, u.detach().clone(), v.detach().clone()), 0
