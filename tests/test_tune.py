@@ -316,7 +316,7 @@ def test_bad_corrections_fail_naming_the_argument(corrections):
 
 
 def test_end_to_end_fit_lowers_the_held_out_error_counts_its_backward_calls_and_applies_on_the_whole_grid(tmp_path):
-    model, x_T, nfe, iters = gaussian(8), noises(64, 8, 0), 5, 40
+    model, x_T, nfe, iters = mixture(4), noises(64, 4, 0), 4, 40
     kw = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
     fitted = tune_sampler(model, x_T, nfe, end_to_end=iters, **kw)
     least = tune_sampler(model, x_T, nfe, end_to_end=0, **kw)
@@ -327,15 +327,16 @@ def test_end_to_end_fit_lowers_the_held_out_error_counts_its_backward_calls_and_
     # scales and one for the keep-or-drop check
     assert fitted.info["backward_calls"] == iters * nfe
     assert fitted.tuning_nfe - least.tuning_nfe == 2 * iters * nfe + 2 * nfe
-    errors = fitted.info["errors"]
-    assert errors[f"{fitted.method}/end_to_end"] < errors[f"{fitted.method}/least_squares"]  # calibration
-    x = noises(256, 8, 1)
-    ref = model.flow(x, SIGMA_MAX, 0.0)
+    errors = fitted.info["errors"]  # mean log errors on the last quarter of the calibration noises
+    assert errors[f"{fitted.method}/end_to_end"] < errors[f"{fitted.method}/least_squares"]
+    x = noises(256, 4, 1)
+    ref = ka.odeint(model, x, ka.get_sigmas_exponential(1000, SIGMA_MIN, SIGMA_MAX).double(), method="dpmpp_3m",
+                    disable=True)
     counted = CountingDenoiser(model)
     out = fitted(counted, x, disable=True)
     assert counted.calls == nfe  # the same evaluations, at other σ
-    # measured 0.025 vs 0.032 on the same 256 held-out items (paired, so the ratio's noise is small)
-    assert median_error(out, ref) < 0.9 * median_error(least(model, x, disable=True), ref)
+    # measured 0.120 vs 0.166 (0.72×) on the same 256 held-out items (paired, so the ratio's noise is small)
+    assert median_error(out, ref) < 0.85 * median_error(least(model, x, disable=True), ref)
     fitted.save(tmp_path / "t.json")
     assert torch.equal(TunedSampler.load(tmp_path / "t.json")(model, x, disable=True), out)
     tail = torch.tensor([3.0, 0.0], dtype=torch.float64)  # a part of the grid evaluates at the grid's σ
