@@ -334,8 +334,8 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
 
     GITS dynamic programming over a teacher solve, end-to-end Nelder–Mead refinement of the grid, then
     per-step correction weights fitted to the teacher by least squares and, from them, end to end by
-    backpropagation together with the σ at which each step evaluates the network (``choose_corrections``;
-    kept only if they lower the calibration error, both its mean log and its RMS).
+    backpropagation together with the σ at which each step evaluates the network, both on three quarters
+    of the calibration noises; the last quarter decides whether to keep them (``choose_corrections``).
 
     Args:
         x_T: calibration noises ``[n, ...]`` already scaled to σ_max (n ≥ 2; 32–256 typical).
