@@ -273,7 +273,7 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
     mean log error of the final sample against the teacher's over the ``fit`` items, by backpropagation
     through the solver and the network, from the least-squares weights and the grid's σ. Stopped early:
     returns the options (``corrections``, ``input_sigmas``) of the step with the least mean log error over
-    the ``check`` items (those start included), and the backward calls made."""
+    the ``check`` items (the start included), and the backward calls made."""
     like = dict(dtype=x_T.dtype, device=x_T.device)
     v = torch.zeros(len(weights), **like, requires_grad=True)
     with torch.no_grad():
