@@ -253,8 +253,11 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(tmp_path):
     args = ["generate", *MIX, "--seeds", "0-199", "--method", "demon", "--steps", "12", "--K", "6",
             "--reward", "brightness", "--out", out, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored (POSIX), and
+    # Python then installs no KeyboardInterrupt handler: restore the default so Ctrl-C reaches the child
     proc = subprocess.Popen([sys.executable, "-m", "kdiff_align", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "manifest.jsonl").exists() or not (out / "manifest.jsonl").read_text().count("\n") >= 2:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
