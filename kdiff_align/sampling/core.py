@@ -35,20 +35,17 @@ def is_tuned(method) -> bool:
     return hasattr(method, "along")
 
 
-def check_method(method: str, allowed=METHODS) -> str:
-    """Reject unknown integrator names, listing the valid ones (a ``TunedSampler`` passes ``odeint``'s)."""
-    if is_tuned(method) and allowed is METHODS:
-        return method
+def check_method(method: str, allowed=METHODS, *, tuned: bool = False, where: str = "this function") -> str:
+    """Reject unknown integrator names, listing the valid ones. A ``TunedSampler`` passes only where
+    ``tuned`` (``odeint`` and the samplers built on it); elsewhere (``where``) it fails naming ``method``."""
+    if is_tuned(method):
+        if tuned:
+            return method
+        raise ValueError(f"method: a TunedSampler integrates the PF-ODE forward (σ decreasing) only, with odeint; "
+                         f"{where} needs one of {', '.join(allowed)}, got {method!r}")
     if method not in allowed:
         raise ValueError(f"method must be one of {', '.join(allowed)}; got {method!r}")
     return method
-
-
-def _check_forward_only(method, where: str, allowed) -> None:
-    """Reject a ``TunedSampler`` where ``where`` cannot run it: it integrates forward (σ decreasing) only."""
-    if is_tuned(method):
-        raise ValueError(f"method: a TunedSampler integrates the PF-ODE forward (σ decreasing) only, with odeint; "
-                         f"{where} needs one of {', '.join(allowed)}, got {method!r}")
 
 
 def _last_step(sigma_next) -> bool:
@@ -71,8 +68,7 @@ def ode_step(model, x: Tensor, sigma, sigma_next, *, extra_args: dict | None = N
     Works in both directions (σ_next < σ samples, σ_next > σ inverts); a step to σ = 0 is the Euler
     step ``x = denoised``. ``denoised`` may be passed when D(x, σ) is already known.
     """
-    _check_forward_only(method, "ode_step", FIXED_METHODS)
-    check_method(method, FIXED_METHODS)
+    check_method(method, FIXED_METHODS, where="ode_step")
     extra_args = {} if extra_args is None else extra_args
     last = _last_step(sigma_next)
     sigma, sigma_next = as_sigma(sigma, x), as_sigma(sigma_next, x)
@@ -259,13 +255,14 @@ def _shape_checked(model) -> Callable:
     return denoiser
 
 
-def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool, end_zero: bool = True) -> dict:
+def _check_inputs(model, x, sigmas, extra_args, method, decreasing: bool, end_zero: bool = True,
+                  where: str = "odeint") -> dict:
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
     check_input(x, "x")
     check_sigmas(sigmas, decreasing=decreasing, end_zero=end_zero)
     if method is not None:
-        check_method(method)
+        check_method(method, where=where)
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
     return {} if extra_args is None else extra_args
@@ -329,8 +326,8 @@ def oderevert(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = Non
     final step's σ_min·ε term (the data point is taken as the state at σ_min). ``grad`` and
     ``grad_last`` as in ``odeint``. A ``TunedSampler`` is rejected: it integrates σ decreasing only.
     """
-    _check_forward_only(method, "oderevert (σ increasing)", METHODS)
-    extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False)
+    extra_args = _check_inputs(model, x, sigmas, extra_args, method, decreasing=False,
+                               where="oderevert (σ increasing)")
     model = _shape_checked(model)
     check_grad(grad, grad_last, adaptive=method in ADAPTIVE_METHODS)
     with grad_context(grad):
@@ -391,8 +388,7 @@ def sdeint(model, x: Tensor, sigmas: Tensor, *, extra_args: dict | None = None, 
     extra_args = _check_inputs(model, x, sigmas, extra_args, None, decreasing=True, end_zero=False)
     model = _shape_checked(model)
     _check_sde_args(eta, beta, generator, x.shape[0])
-    _check_forward_only(method, "sdeint", SDE_METHODS)
-    check_method(method, SDE_METHODS)
+    check_method(method, SDE_METHODS, where="sdeint")
     check_grad(grad, grad_last)
     if method != "ancestral":
         if beta is not None:

@@ -130,7 +130,7 @@ class DemonGenerator(abc.ABC):
                  experiment_directory: str | os.PathLike = "experiments/generate", *, pipeline=None,
                  grid="model", consistency_model=None, max_batch: int | None = None, disable: bool | None = None,
                  method: str = "heun", sigma_data: float | None = None):
-        sampling.check_method(method)
+        sampling.check_method(method, tuned=True)
         if not isinstance(T, int) or T < 2:
             raise ValueError(f"T must be an int >= 2 (grid points), got {T!r}")
         _check_grid(grid)

@@ -347,7 +347,7 @@ def sample_demon(model, x: Tensor, sigmas: Tensor, reward: Callable[[Tensor], Te
             result within ``DIVERGENCE_C``·σ_data, or the run stops with a ``DivergedError`` naming
             the step, σ and β.
     """
-    sampling.check_method(method)
+    sampling.check_method(method, tuned=True)
     _check_args(model, x, sigmas, reward, K, beta, tau, demon_type, r_of_c, c_steps, ode_after, extra_args, max_batch)
     check_generator(generator, x.shape[0])
     extra_args = extra_args or {}

@@ -35,7 +35,7 @@ def check_args(budgets, images: int, sampler, class_name: str, methods) -> list[
         raise ValueError(f"budgets must be a non-empty list of positive ints (NFE per image), got {budgets!r}")
     if not isinstance(images, int) or images < 2:
         raise ValueError(f"images must be an int >= 2 (per method and budget), got {images!r}")
-    sampling.check_method(sampler)
+    sampling.check_method(sampler, tuned=True)
     if class_name not in toy.FASHION_CLASSES:
         raise ValueError(f"class_name must be one of {', '.join(toy.FASHION_CLASSES)}, got {class_name!r}")
     names = list(METHODS) if methods is None else [m for m in METHODS if any(m == p or m.startswith(p + "-")
