@@ -3,6 +3,7 @@
     python bench/fewstep.py closed                       # closed-form problems, VE and SD3-flow grids
     python bench/fewstep.py model --model fashion --cfg 0 # a shipped model (median distance, FD)
     python bench/fewstep.py flow                         # our default solvers vs k-diffusion's LMS, SD3 grids
+    python bench/fewstep.py sdgrid                       # our defaults vs diffusers' log-σ algorithms, SD grids
 
 ``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64, on Karras-range VE grids
 (σ ∈ [0.002, 80]) and, through ``FlowDenoiser``, on SD3-shift flow grids (σ from ``get_sigmas_flow(n,
@@ -30,6 +31,11 @@ own teacher's) and seconds.
 
 ``flow``: the median error of each of our multistep solvers at its default settings over k-diffusion's
 ``sample_lms`` on SD3-shift grids at 15–40 steps (the closed-form problems above, 512 items).
+
+``sdgrid``: on diffusers' Stable Diffusion grids (``DPMSolverMultistepScheduler``'s timesteps of the
+scaled-linear β schedule), the median error of each exponential integrator at its defaults over the same
+solver with ``sigma_steps=False`` (diffusers' algorithm, log σ on every step; its numbers are diffusers'),
+with the steps taken in σ; closed-form problems, 512 items, 2000-step Heun reference.
 """
 from __future__ import annotations
 
@@ -65,7 +71,8 @@ def laws() -> dict:
         "gauss64": GaussianDenoiser(torch.randn(64, generator=gen) * 0.5, torch.logspace(-1.3, 0.3, 64)).double(),
         "mix2d": MixtureDenoiser(torch.tensor([[-2.0, 0.0], [2.0, 0.5]]), torch.tensor([0.4, 0.6]),
                                  torch.tensor([0.7, 0.3])).double(),
-        "mix8d": MixtureDenoiser(means8, torch.tensor([0.3, 0.5, 0.8, 0.2]), torch.tensor([0.4, 0.3, 0.2, 0.1])).double()}
+        "mix8d": MixtureDenoiser(means8, torch.tensor([0.3, 0.5, 0.8, 0.2]),
+                                 torch.tensor([0.4, 0.3, 0.2, 0.1])).double()}
 
 
 def as_flow(model):
@@ -301,9 +308,37 @@ def run_flow(args) -> None:
             print(f"{name:8s} NFE {n:2d} " + " ".join(f"{m} {r:.2f}" for m, r in ratios.items()))
 
 
+def sd_sigmas(steps: int) -> torch.Tensor:
+    """diffusers' SD 1.x grid: ``DPMSolverMultistepScheduler``'s timesteps as VE σ (float64), then 0."""
+    sched = _diffusers.diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
+                                                             beta_schedule="scaled_linear")
+    sched.set_timesteps(steps)
+    alpha_bar = sched.alphas_cumprod[sched.timesteps.long()].double()
+    return torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+
+
+def run_sdgrid(args) -> None:
+    """Our exponential integrators' defaults (steps in σ) over diffusers' log-σ algorithm on SD grids."""
+    methods = ("dpmpp_2m", "dpmpp_3m", "unipc", "deis")
+    print(f"== median error at the defaults / with sigma_steps=False (diffusers' algorithm), diffusers' SD grids, "
+          f"{args.n} items")
+    for name, law in laws().items():
+        dim = law.mean.shape[0] if isinstance(law, GaussianDenoiser) else law.means.shape[1]
+        for n in args.budgets:
+            s = sd_sigmas(n)
+            x = torch.randn(args.n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * s[0]
+            ref = heun_reference(law, x, float(s[-2]), float(s[0]))
+            ratios = {m: scores(ka.odeint(law, x, s, method=m, disable=True), ref)["median"]
+                      / scores(ka.odeint(law, x, s, method=m, disable=True, sigma_steps=False), ref)["median"]
+                      for m in methods}
+            switched = [i for i in range(2, n) if ka.sampling.multistep.sigma_step(s.tolist(), i, 3)]
+            print(f"{name:8s} steps {n:2d} " + " ".join(f"{m} {r:.2f}" for m, r in ratios.items())
+                  + f" | steps in sigma (order 3): {switched}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("closed", "model", "flow"))
+    parser.add_argument("part", choices=("closed", "model", "flow", "sdgrid"))
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="NFE budgets (closed: 5 6 8 10)")
     parser.add_argument("--n", type=int, default=None, help="evaluation items (closed: 512, model: 32)")
     parser.add_argument("--calib", type=int, default=None, help="calibration noises (closed: 128, model: 32)")
@@ -315,9 +350,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = args.part == "model"
-    args.budgets = args.budgets or ([6, 10] if model else [15, 20, 30, 40] if args.part == "flow" else [5, 6, 8, 10])
+    args.budgets = args.budgets or {"model": [6, 10], "flow": [15, 20, 30, 40], "sdgrid": [10, 20, 30, 50]}.get(
+        args.part, [5, 6, 8, 10])
     args.n, args.calib = args.n or (32 if model else 512), args.calib or (32 if model else 128)
-    {"closed": run_closed, "model": run_model, "flow": run_flow}[args.part](args)
+    {"closed": run_closed, "model": run_model, "flow": run_flow, "sdgrid": run_sdgrid}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -41,22 +41,26 @@ def median_errors(law, steps: int, items: int = 128) -> dict:
             for m in multistep.MULTISTEP_METHODS}
 
 
-# Measured ratios to LMS (k-diffusion's LMS, step for step) at 20 steps, 128 items; in brackets before
-# this rule (log σ on every step, 3M/UniPC lowering the final order on every grid):
-#   gauss8: dpmpp_2m 1.80 (9.97), dpmpp_3m 1.11 (7.40), unipc 1.26 (7.21), deis 1.11 (1.97), ipndm 0.71 (0.71)
-#   mix2d:  dpmpp_2m 2.44 (30.1), dpmpp_3m 1.87 (40.0), unipc 1.41 (36.9), deis 1.44 (7.94), ipndm 0.62 (0.62)
-# The bounds leave ~25 % over today's; every exponential integrator's failed before. They are not
-# LMS's error: these second- and third-order methods do not reach the fourth-order LMS on this grid
-# (docs/solvers.md).
-BOUNDS = {"gauss8": {"dpmpp_2m": 2.3, "dpmpp_3m": 1.4, "unipc": 1.6, "deis": 1.4, "ipndm": 1.0},
-          "mix2d": {"dpmpp_2m": 3.1, "dpmpp_3m": 2.4, "unipc": 1.8, "deis": 1.8, "ipndm": 1.0}}
+# Measured ratios to LMS (k-diffusion's LMS, step for step), 128 items, at 20 / 30 steps:
+#   gauss8: dpmpp_2m 0.93 / 0.96, dpmpp_3m 0.92 / 0.93, unipc 0.92 / 0.93, deis 0.93 / 0.94, ipndm 0.71 / 0.71
+#   mix2d:  dpmpp_2m 1.08 / 1.62, dpmpp_3m 0.98 / 0.96, unipc 0.46 / 0.11, deis 0.81 / 0.87, ipndm 0.62 / 2.80
+# The third-order methods meet the issue's bar (no worse than LMS) at both; the runs are deterministic
+# (float64, fixed seeds), so the bound is the bar itself. The second-order 2M, and iPNDM (whose fixed
+# equal-step weights make it second order on uneven grids), fall behind the fourth-order LMS on the mixture
+# as the steps grow: they are held to 20 steps and to ~10 % over their ratio there. Before the fine-grid
+# σ steps (log-σ spread limit 2 at every length, the method's own order, UniC correcting them) the 20-step
+# ratios were 1.80 / 1.11 / 1.26 / 1.11 (gauss8) and 2.44 / 1.87 / 1.41 / 1.44 (mix2d) for 2M / 3M / UniPC /
+# DEIS, and before any σ step 2–40×.
+BOUNDS = {20: {"dpmpp_2m": 1.2, "dpmpp_3m": 1.0, "unipc": 1.0, "deis": 1.0, "ipndm": 1.0},
+          30: {"dpmpp_3m": 1.0, "unipc": 1.0, "deis": 1.0}}
 
 
+@pytest.mark.parametrize("steps", [20, 30])
 @pytest.mark.parametrize("name", ["gauss8", "mix2d"])
-def test_default_multistep_methods_near_lms_on_sd3_flow_grid(name):
-    errs = median_errors(laws()[name], 20)
-    ratios = {m: errs[m] / errs["lms"] for m in BOUNDS[name]}
-    assert all(ratios[m] <= bound for m, bound in BOUNDS[name].items()), ratios
+def test_default_multistep_methods_no_worse_than_lms_on_sd3_flow_grid(name, steps):
+    errs = median_errors(laws()[name], steps)
+    ratios = {m: errs[m] / errs["lms"] for m in BOUNDS[steps]}
+    assert all(ratios[m] <= bound for m, bound in BOUNDS[steps].items()), ratios
 
 
 @pytest.mark.parametrize("method", EXPONENTIAL)
@@ -72,8 +76,11 @@ def test_sigma_steps_leave_karras_and_exponential_grids_alone(method):
 
 def test_sigma_step_picks_the_more_evenly_spaced_variable():
     flow = ka.schedules.get_sigmas_flow(20, shift=3.0).double().tolist()
-    # the last two interior steps (log-σ steps 0.46, 0.74, 4.0 there; even in σ), not the first ones
-    assert [i for i in range(2, 19) if multistep.sigma_step(flow, i, 3)] == [17, 18]
+    # 20 steps: the tail, where the nodes are more even in σ than in log σ (log-σ steps 0.46, 0.74, 4.0 at
+    # the end); below 15 steps only where the log-σ spread also exceeds 2: the last interior step at 10
+    assert [i for i in range(2, 19) if multistep.sigma_step(flow, i, 3)] == [15, 16, 17, 18]
+    flow10 = ka.schedules.get_sigmas_flow(10, shift=3.0).double().tolist()
+    assert [i for i in range(2, 9) if multistep.sigma_step(flow10, i, 3)] == [8]
     assert not multistep.sigma_step(flow, 19, 2) and not multistep.sigma_step(flow, 18, 1)
     vp = [14.61, 7.297, 4.082, 2.493, 1.618, 1.073, 0.6958, 0.4, 0.0]  # diffusers' SD grid, 8 steps
     assert not any(multistep.sigma_step(vp, i, min(3, i + 1)) for i in range(1, 8))
@@ -86,3 +93,30 @@ def test_sigma_weights_integrate_polynomials_in_sigma_exactly():
     for m, exact in enumerate([1 - r, -r * math.log(r), r * (1 - r)]):
         assert sum(wj * u**m for wj, u in zip(w, v)) == pytest.approx(exact, rel=1e-12)
     assert np.isclose(multistep.sigma_weights([1.0], r)[0], 1 - r)  # one node: DDIM
+
+
+def test_sd_grids_below_15_steps_keep_diffusers_algorithm_and_longer_ones_gain():
+    """diffusers' SD grids: bit for bit its log-σ algorithm below 15 steps; from 15 steps the tail in σ at
+    order 4 (``bench/fewstep.py sdgrid``: 0.06–1.03× its median error at 20–50 steps, 1.77× for 2M on the
+    2-D mixture at 20). Here the 8-D Gaussian at 30 steps, measured 0.21–0.87×."""
+    import diffusers
+
+    sched = diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    law = laws()["gauss8"]
+
+    def grid(steps):
+        sched.set_timesteps(steps)
+        alpha_bar = sched.alphas_cumprod[sched.timesteps.long()].double()
+        return torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+
+    x = torch.randn(128, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * grid(10)[0]
+    for method in EXPONENTIAL:
+        s = grid(10)
+        assert torch.equal(ka.odeint(law, x, s, method=method, disable=True),
+                           ka.odeint(law, x, s, method=method, disable=True, sigma_steps=False))
+    s = grid(30)
+    ref = ka.odeint(law, x, ka.get_sigmas_karras(1000, float(s[-2]), float(s[0])).double(), method="rk4", disable=True)
+    for method in EXPONENTIAL:
+        ours, theirs = [(ka.odeint(law, x, s, method=method, disable=True, sigma_steps=on) - ref).norm(dim=1).median()
+                        for on in (True, False)]
+        assert ours <= 0.95 * theirs, (method, float(ours / theirs))

@@ -5,9 +5,10 @@ In t = −log σ the PF-ODE is dx/dt = D − x, whose linear part the exponentia
 d = (x − D)/σ in σ. Every solver warms up with orders 1, 2, … and lowers its order on the last steps
 (``order_i = min(order, i + 1, steps_left)``) on grids ending in 0, where the last step is ``x = D``
 (the exponential integrators only below 15 steps, diffusers' rule; LMS and iPNDM never, as k-diffusion's
-LMS). The exponential integrators extrapolate in log σ, except on a step whose nodes are uneven in log σ
-and more even in σ (the end of an SD3-shift flow grid): there they take the Adams–Bashforth step in σ
-of their order (``sigma_step``). Grids may end above 0 (split grids): the state at the last σ is returned.
+LMS). The exponential integrators extrapolate in log σ, except on a step whose nodes are more even in σ
+than in log σ (the tail of an SD3-shift flow grid or, from 15 steps, of an SD grid): there they take the
+Adams–Bashforth step in σ, from 15 steps of order up to 4 (``sigma_step``, ``sigma_order``). Grids may end
+above 0 (split grids): the state at the last σ is returned.
 """
 from __future__ import annotations
 
@@ -66,27 +67,36 @@ def spread(nodes: list[float]) -> float:
     return max(gaps) / min(gaps)
 
 
-SPREAD_LIMIT = 2.0  # log-σ nodes spaced more evenly than this (longest gap / shortest) stay in log σ
+SPREAD_LIMIT = 2.0  # below 15 steps, log-σ nodes spaced more evenly than this (longest gap / shortest) stay
+SIGMA_ORDER = 4  # from 15 steps, a step in σ is LMS's step of up to this order (history permitting)
 
 
 def sigma_step(s: list[float], i: int, order: int) -> bool:
     """Whether step i of an exponential integrator extrapolates in σ rather than in log σ.
 
     A polynomial extrapolates best over evenly spaced nodes: where the step's nodes σ_{i−order+1}, …,
-    σ_i, σ_{i+1} are unevenly spaced in log σ (``spread`` above ``SPREAD_LIMIT``) and more evenly in σ,
-    the step is taken in σ. On an SD3-shift flow grid that is the last two interior steps (even in σ,
-    while the log-σ steps grow to ~4): near σ = 0, ε = (x − D)/σ is close to linear in σ (to O(σ³) for
-    Gaussian data) while D approaches x₀ exponentially in log σ. Karras and exponential grids never
-    switch, diffusers' SD grids only on one late step from ~30 steps on. The limit 2 keeps those grids
-    where the log-σ step is as accurate or more (a limit of 1 switched more of a flow grid's tail, but
-    made DPM-Solver++(2M) up to 6× and DEIS up to 1.9× less accurate on 20–50-step SD grids). First-order
-    steps are the same either way (DDIM is Euler in σ).
+    σ_i, σ_{i+1} are more evenly spaced in σ than in log σ (``spread``), the step is taken in σ. Near
+    σ = 0, ε = (x − D)/σ is close to linear in σ (to O(σ³) for Gaussian data) while D approaches x₀
+    exponentially in log σ; the tail of an SD3-shift flow grid is even in σ while its log-σ steps grow to
+    ~4. On grids of fewer than 15 steps (``DIFFUSERS_LOWER_BELOW``) a step switches only where its log-σ
+    spread also exceeds ``SPREAD_LIMIT``: there every switch past the last two flow steps cost accuracy
+    (DPM-Solver++(2M) 3× on diffusers' 10-step SD grid), and diffusers' SD grids and all tuned few-step
+    grids keep the published algorithms. Karras and exponential grids never switch. First-order steps are
+    the same either way (DDIM is Euler in σ).
     """
     if order < 2 or s[i + 1] == 0:
         return False
     nodes = s[i - order + 1:i + 2]
     uneven = spread([math.log(v) for v in nodes])
-    return uneven > SPREAD_LIMIT and spread(nodes) < uneven
+    limit = SPREAD_LIMIT if len(s) - 1 < DIFFUSERS_LOWER_BELOW else 1.0
+    return uneven > limit and spread(nodes) < uneven
+
+
+def sigma_order(s: list[float], i: int, order: int, history: int) -> int:
+    """The order of a step in σ: the method's own below 15 steps, else up to ``SIGMA_ORDER`` (LMS's), as the
+    ``history`` of d values allows (a higher order on fine grids is what brings the exponential integrators
+    to LMS's accuracy on SD3-shift flow grids)."""
+    return order if len(s) - 1 < DIFFUSERS_LOWER_BELOW else max(order, min(SIGMA_ORDER, history))
 
 
 def sigma_weights(v: list[float], r: float) -> list[float]:
@@ -248,11 +258,15 @@ def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Te
     """The predictor step σ_i → σ_{i+1} of ``method`` at the given order (newest history first).
 
     ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates. On a
-    step in σ (``sigma_step``) the exponential integrators take the Adams–Bashforth step of their order
-    in σ (LMS's weights: ε interpolated by a polynomial in σ); ``sigma_steps=False`` never does.
+    step in σ (``sigma_step``) the exponential integrators take the Adams–Bashforth step in σ (LMS's
+    weights: ε interpolated by a polynomial in σ) of order ``sigma_order`` over the d values given;
+    ``sigma_steps=False`` never does.
     """
-    if method == "lms" or (sigma_steps and method != "ipndm" and sigma_step(s, i, order)):
+    if method == "lms":
         return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
+    if sigma_steps and method != "ipndm" and sigma_step(s, i, order):
+        p = sigma_order(s, i, order, len(ds))
+        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, p), ds))
     if method in ("dpmpp_2m", "dpmpp_3m"):
         return dpmpp_step(x, s, i, Ds, order)
     if method == "unipc":
@@ -309,14 +323,17 @@ class MultistepSolver:
     def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
         """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
         ``lower_order_final`` is False), plus the fitted ``corrections[i]`` term when there are any."""
-        s, keep = self.s, MAX_ORDER[self.method] - 1
+        s, fine = self.s, self.sigma_steps and len(self.s) - 1 >= DIFFUSERS_LOWER_BELOW  # fine-grid σ steps
+        keep = (SIGMA_ORDER if fine else MAX_ORDER[self.method]) - 1
         self.Ds, self.ds = [denoised] + self.Ds[:keep], [(x - denoised) / s[i]] + self.ds[:keep]
         if s[i + 1] == 0 and (self.lower_order_final or self.method not in ("lms", "ipndm")):
             x_next = denoised
         else:
             p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
-            self.x_last, self.p_last = x, p
-            x_next = multistep_update(self.method, x, s, i, self.Ds, self.ds, p, self.variant, self.sigma_steps)
+            ds = self.ds[:len(s) - 1 - i] if self.lower_order_final else self.ds  # σ steps lower their order too
+            x_next = multistep_update(self.method, x, s, i, self.Ds, ds, p, self.variant, self.sigma_steps)
+            fine_sigma_step = fine and self.method not in ("lms", "ipndm") and sigma_step(s, i, p)
+            self.x_last, self.p_last = (None, 0) if fine_sigma_step else (x, p)  # UniC leaves LMS's step alone
         return x_next if self.corrections is None else x_next + correction(self.corrections[i], x, self.Ds)
 
 
