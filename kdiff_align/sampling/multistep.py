@@ -92,7 +92,7 @@ def sigma_step(s: list[float], i: int, order: int) -> bool:
     return uneven > limit and spread(nodes) < uneven
 
 
-def sigma_order(s: list[float], i: int, order: int, history: int) -> int:
+def sigma_order(s: list[float], order: int, history: int) -> int:
     """The order of a step in σ: the method's own below 15 steps, else up to ``SIGMA_ORDER`` (LMS's), as the
     ``history`` of d values allows (a higher order on fine grids is what brings the exponential integrators
     to LMS's accuracy on SD3-shift flow grids)."""
@@ -265,7 +265,7 @@ def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Te
     if method == "lms":
         return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
     if sigma_steps and method != "ipndm" and sigma_step(s, i, order):
-        p = sigma_order(s, i, order, len(ds))
+        p = sigma_order(s, order, len(ds))
         return x + sum(c * d for c, d in zip(lms_coeffs(s, i, p), ds))
     if method in ("dpmpp_2m", "dpmpp_3m"):
         return dpmpp_step(x, s, i, Ds, order)
