@@ -313,8 +313,8 @@ def sd_sigmas(steps: int) -> torch.Tensor:
     sched = _diffusers.diffusers.DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012,
                                                              beta_schedule="scaled_linear")
     sched.set_timesteps(steps)
-    alpha_bar = sched.alphas_cumprod[sched.timesteps.long()].double()
-    return torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    sigmas = ka.schedules.sigmas_from_alphas_cumprod(sched.alphas_cumprod)[sched.timesteps.long()]
+    return ka.schedules.append_zero(sigmas)
 
 
 def run_sdgrid(args) -> None:

@@ -106,8 +106,8 @@ def test_sd_grids_below_15_steps_keep_diffusers_algorithm_and_longer_ones_gain()
 
     def grid(steps):
         sched.set_timesteps(steps)
-        alpha_bar = sched.alphas_cumprod[sched.timesteps.long()].double()
-        return torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
+        sigmas = ka.schedules.sigmas_from_alphas_cumprod(sched.alphas_cumprod)[sched.timesteps.long()]
+        return ka.schedules.append_zero(sigmas)
 
     x = torch.randn(128, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * grid(10)[0]
     for method in EXPONENTIAL:

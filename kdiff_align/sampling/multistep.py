@@ -88,15 +88,20 @@ def sigma_step(s: list[float], i: int, order: int) -> bool:
         return False
     nodes = s[i - order + 1:i + 2]
     uneven = spread([math.log(v) for v in nodes])
-    limit = SPREAD_LIMIT if len(s) - 1 < DIFFUSERS_LOWER_BELOW else 1.0
+    limit = 1.0 if fine_grid(s) else SPREAD_LIMIT
     return uneven > limit and spread(nodes) < uneven
+
+
+def fine_grid(s: list[float]) -> bool:
+    """A grid of 15 steps or more (``DIFFUSERS_LOWER_BELOW``), where steps in σ follow the fine-grid rule."""
+    return len(s) - 1 >= DIFFUSERS_LOWER_BELOW
 
 
 def sigma_order(s: list[float], order: int, history: int) -> int:
     """The order of a step in σ: the method's own below 15 steps, else up to ``SIGMA_ORDER`` (LMS's), as the
     ``history`` of d values allows (a higher order on fine grids is what brings the exponential integrators
     to LMS's accuracy on SD3-shift flow grids)."""
-    return order if len(s) - 1 < DIFFUSERS_LOWER_BELOW else max(order, min(SIGMA_ORDER, history))
+    return max(order, min(SIGMA_ORDER, history)) if fine_grid(s) else order
 
 
 def sigma_weights(v: list[float], r: float) -> list[float]:
@@ -254,18 +259,16 @@ def check_order(method: str, order: int | None) -> int:
 
 
 def multistep_update(method: str, x: Tensor, s: list[float], i: int, Ds: list[Tensor], ds: list[Tensor],
-                     order: int, variant: str, sigma_steps: bool = True) -> Tensor:
+                     order: int, variant: str, in_sigma: bool = False) -> Tensor:
     """The predictor step σ_i → σ_{i+1} of ``method`` at the given order (newest history first).
 
     ``ds`` holds d = (x − D)/σ, which in these units is also the ε prediction DEIS interpolates. On a
-    step in σ (``sigma_step``) the exponential integrators take the Adams–Bashforth step in σ (LMS's
-    weights: ε interpolated by a polynomial in σ) of order ``sigma_order`` over the d values given;
-    ``sigma_steps=False`` never does.
+    step in σ (``in_sigma``, decided by ``sigma_step``) an exponential integrator takes the Adams–Bashforth
+    step in σ (LMS's weights: ε interpolated by a polynomial in σ) of order ``sigma_order`` over the d
+    values given.
     """
-    if method == "lms":
-        return x + sum(c * d for c, d in zip(lms_coeffs(s, i, order), ds))
-    if sigma_steps and method != "ipndm" and sigma_step(s, i, order):
-        p = sigma_order(s, order, len(ds))
+    if method == "lms" or in_sigma:
+        p = order if method == "lms" else sigma_order(s, order, len(ds))
         return x + sum(c * d for c, d in zip(lms_coeffs(s, i, p), ds))
     if method in ("dpmpp_2m", "dpmpp_3m"):
         return dpmpp_step(x, s, i, Ds, order)
@@ -323,16 +326,17 @@ class MultistepSolver:
     def step(self, x: Tensor, i: int, denoised: Tensor) -> Tensor:
         """x_{i+1} from x_i and D(x_i, σ_i); a step to σ = 0 is x = D (full-order LMS/iPNDM steps when
         ``lower_order_final`` is False), plus the fitted ``corrections[i]`` term when there are any."""
-        s, fine = self.s, self.sigma_steps and len(self.s) - 1 >= DIFFUSERS_LOWER_BELOW  # fine-grid σ steps
-        keep = (SIGMA_ORDER if fine else MAX_ORDER[self.method]) - 1
+        s = self.s
+        keep = (SIGMA_ORDER if self.sigma_steps and fine_grid(s) else MAX_ORDER[self.method]) - 1
         self.Ds, self.ds = [denoised] + self.Ds[:keep], [(x - denoised) / s[i]] + self.ds[:keep]
         if s[i + 1] == 0 and (self.lower_order_final or self.method not in ("lms", "ipndm")):
             x_next = denoised
         else:
             p = step_order(self.order, i, len(s) - 1, self.lower_order_final)
             ds = self.ds[:len(s) - 1 - i] if self.lower_order_final else self.ds  # σ steps lower their order too
-            x_next = multistep_update(self.method, x, s, i, self.Ds, ds, p, self.variant, self.sigma_steps)
-            fine_sigma_step = fine and self.method not in ("lms", "ipndm") and sigma_step(s, i, p)
+            in_sigma = self.sigma_steps and self.method not in ("lms", "ipndm") and sigma_step(s, i, p)
+            x_next = multistep_update(self.method, x, s, i, self.Ds, ds, p, self.variant, in_sigma)
+            fine_sigma_step = in_sigma and fine_grid(s)
             self.x_last, self.p_last = (None, 0) if fine_sigma_step else (x, p)  # UniC leaves LMS's step alone
         return x_next if self.corrections is None else x_next + correction(self.corrections[i], x, self.Ds)
 
