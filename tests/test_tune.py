@@ -325,11 +325,12 @@ def test_end_to_end_fit_lowers_the_held_out_error_counts_its_backward_calls_and_
     assert torch.equal(fitted.sigmas, least.sigmas) and "input_sigmas" not in least.solver_kw
     inputs = fitted.solver_kw["input_sigmas"]
     assert len(inputs) == nfe and inputs != fitted.sigmas[:-1].tolist()
-    # the refinement's cost: iters runs of nfe forward calls, nfe backward calls for each run it kept (none
-    # for one it undid: ``E2E_JUMP``), plus one run for the feature scales and one for the keep-or-drop check
+    # the refinement's cost: iters runs of nfe forward calls and nfe backward calls for each run it kept (none
+    # for one it undid: ``E2E_JUMP``); the feature scales come from the plain run, the keep-or-drop check from
+    # the kept run's own samples
     runs, backward = fitted.info["end_to_end_steps"], fitted.info["backward_calls"]
     assert runs == iters and 0 < backward <= runs * nfe and backward % nfe == 0
-    assert fitted.tuning_nfe - least.tuning_nfe == runs * nfe + backward + 2 * nfe
+    assert fitted.tuning_nfe - least.tuning_nfe == runs * nfe + backward
     errors = fitted.info["errors"]  # mean log errors on the last quarter of the calibration noises
     assert errors[f"{fitted.method}/end_to_end"] < errors[f"{fitted.method}/least_squares"]
     x = noises(256, 4, 1)
@@ -338,8 +339,9 @@ def test_end_to_end_fit_lowers_the_held_out_error_counts_its_backward_calls_and_
     counted = CountingDenoiser(model)
     out = fitted(counted, x, disable=True)
     assert counted.calls == nfe  # the same evaluations, at other σ
-    # measured 0.120 vs 0.166 (0.72×) on the same 256 held-out items (paired, so the ratio's noise is small)
-    assert median_error(out, ref) < 0.85 * median_error(least(model, x, disable=True), ref)
+    # measured 0.138 vs 0.166 (0.83×) on the same 256 held-out items (paired); over calibration seeds 0, 2–5 the
+    # ratio was 0.57–0.94 (mean 0.74): Adam's path moves with the least-squares start, so the bound leaves room
+    assert median_error(out, ref) < 0.9 * median_error(least(model, x, disable=True), ref)
     fitted.save(tmp_path / "t.json")
     assert torch.equal(TunedSampler.load(tmp_path / "t.json")(model, x, disable=True), out)
     tail = torch.tensor([3.0, 0.0], dtype=torch.float64)  # a part of the grid evaluates at the grid's σ
@@ -364,3 +366,23 @@ def test_end_to_end_steps_that_overshoot_are_undone_and_halved(monkeypatch):
     runs, backward, errors = fitted.info["end_to_end_steps"], fitted.info["backward_calls"], fitted.info["errors"]
     assert backward < (runs - 3) * nfe  # several runs undone
     assert errors[f"{fitted.method}/end_to_end"] < errors[f"{fitted.method}/least_squares"] - 0.2, errors
+
+
+def test_teacher_states_between_its_nodes_match_a_fine_solve():
+    """``teacher_at`` (the teacher's dense output, no evaluation) gives its own nodes exactly and, between
+    them, the state of a 2000-step solve to within 2e-3 (measured ≤ 7e-4 on states of size 4–42) and within
+    0.3× the distance of the nearest node above (measured ≤ 0.09×), so a step that went nowhere would fail."""
+    from kdiff_align.sampling.tune import teacher_at, teacher_solve
+    model, x = mixture(4), noises(64, 4, 0)
+    s = np.exp(np.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), 24)).tolist()
+    s[0], s[-1] = SIGMA_MAX, SIGMA_MIN
+    counted = CountingDenoiser(model)
+    fine, states, Ds, x0 = teacher_solve(counted, x, s, 4, {}, disable=True)
+    assert counted.calls == len(fine) - 1 == 93 and len(states) == len(Ds) == 93
+    assert all(torch.equal(a, b) for a, b in zip(teacher_at(fine, states, Ds, fine[1:-1]), states[1:]))
+    grid = ka.get_sigmas_karras(6, SIGMA_MIN, SIGMA_MAX, 7).double().tolist()[1:-2]  # between nodes (not σ_min)
+    for sigma, state in zip(grid, teacher_at(fine, states, Ds, grid)):
+        fine_solve = torch.tensor(np.exp(np.linspace(math.log(SIGMA_MAX), math.log(sigma), 2000)))
+        ref = ka.odeint(model, x, fine_solve, method="dpmpp_3m", disable=True)
+        above = states[max(k for k, v in enumerate(fine[:-1]) if v >= sigma)]
+        assert median_error(state, ref) < min(2e-3, 0.3 * median_error(above, ref)), sigma

@@ -27,7 +27,8 @@ from ..schedules import get_sigmas_exponential, get_sigmas_karras
 from ..testing import CountingDenoiser
 from ..utils import as_sigma, atomic_write, check_finite, check_sigmas, nfe_summary
 from .core import check_method, odeint
-from .multistep import MULTISTEP_METHODS, MultistepSolver, correction, correction_features, multistep_odeint
+from .multistep import (CORRECTION_FEATURES, MULTISTEP_METHODS, MultistepSolver, correction, correction_features,
+                        dpmpp_step, multistep_odeint)
 
 TUNE_METHODS = ("ipndm", "dpmpp_2m", "unipc", "deis")
 FORMAT = "kdiff_align.TunedSampler/1"
@@ -125,29 +126,39 @@ def _check_tune_inputs(model, x_T, nfe, extra_args, method) -> tuple[tuple[str, 
     return methods, {} if extra_args is None else extra_args
 
 
-def teacher_solve(model, x_T: Tensor, s: list[float], substeps, extra_args: dict, disable=None):
-    """Teacher states x and D at each σ in ``s`` (decreasing, > 0) and the final sample.
+def teacher_solve(model, x_T: Tensor, s: list[float], substeps: int, extra_args: dict, disable=None) -> tuple:
+    """The teacher: DPM-Solver++(3M) with ``substeps`` log-uniform steps between neighbours of ``s``
+    (decreasing, > 0), ending with x = D(x, s[-1]).
 
-    DPM-Solver++(3M) with ``substeps`` log-uniform steps between neighbours (an int, or one count per
-    interval), ending with x = D(x, s[-1]).
+    Returns its fine grid, the states x and D(x) at each positive σ of it (``teacher_at`` steps from them to
+    any σ in the range) and the final sample; candidate k of ``s`` is fine node k·``substeps``.
     """
-    counts = [substeps] * (len(s) - 1) if isinstance(substeps, int) else list(substeps)
-    fine, marks = [], set()
-    for a, b, k in zip(s[:-1], s[1:], counts):
-        marks.add(len(fine))
-        fine += [a] + [math.exp(math.log(a) + (math.log(b) - math.log(a)) * j / k) for j in range(1, k)]
-    marks.add(len(fine))
+    fine = []
+    for a, b in zip(s[:-1], s[1:]):
+        fine += [a] + [math.exp(math.log(a) + (math.log(b) - math.log(a)) * j / substeps) for j in range(1, substeps)]
     fine += [s[-1], 0.0]
     solver, x, states, Ds = MultistepSolver("dpmpp_3m", fine), x_T, [], []
     for i in trange(len(fine) - 1, disable=disable, desc="teacher"):
         denoised = model(x, as_sigma(fine[i], x), **extra_args)
         if not torch.isfinite(denoised).all():
             raise ValueError(f"model returned NaN or infinite values at sigma={fine[i]:.4g} (teacher solve)")
-        if i in marks:
-            states.append(x)
-            Ds.append(denoised)
+        states.append(x)
+        Ds.append(denoised)
         x = solver.step(x, i, denoised)
-    return torch.stack(states), torch.stack(Ds), x
+    return fine, torch.stack(states), torch.stack(Ds), x
+
+
+def teacher_at(fine: list[float], states: Tensor, Ds: Tensor, sigmas: list[float]) -> list[Tensor]:
+    """The teacher's states at ``sigmas`` (within its range, > 0) without evaluating the model: from the fine
+    node at or above each σ, the teacher's own DPM-Solver++(3M) step with its history, shortened to end there
+    (a multistep method's dense output; it ends on the next node exactly where σ is one)."""
+    out = []
+    for sigma in sigmas:
+        j = max(k for k, v in enumerate(fine[:-1]) if v >= sigma)
+        order = min(3, j + 1)
+        out.append(states[j] if sigma == fine[j] else
+                   dpmpp_step(states[j], fine[:j + 1] + [sigma], j, [Ds[j - k] for k in range(order)], order))
+    return out
 
 
 def _per_item(err: Tensor) -> Tensor:
@@ -218,21 +229,17 @@ def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, 
     return sample_errors(run_grid(model, x_T, grid, method, extra_args), x0)[0]
 
 
-def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, per_unit: float,
+def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, targets: list[Tensor],
                     items: slice = slice(None), ridge: float = 1e-3) -> tuple[list[list[float]], Tensor]:
     """Per-step correction weights fitted to teacher states on ``grid`` (S4S-style, by least squares).
 
     Step by step along the solver's own trajectory, the weights w_i of (D_i, D_{i−1}, x_i) minimise
     ‖base step + Σ w·f − x*_{i+1}‖² + ridge·Σ w_k²·‖f_k‖² over the calibration batch, x* the teacher's
-    state at σ_{i+1} (``per_unit`` teacher steps per unit of log σ): each step pulls the trajectory back
-    onto the teacher's, the last one onto its final sample. Only the calibration ``items`` enter the fit
-    (the model still sees the whole batch). Returns the weights and the corrected samples (those of
-    ``run_grid`` with these weights).
+    state at σ_{i+1} (``targets``: those at ``grid[1:-1]``, then the final samples): each step pulls the
+    trajectory back onto the teacher's, the last one onto its final sample. Only the calibration ``items``
+    enter the fit (the model still sees the whole batch). Returns the weights and the corrected samples
+    (those of ``run_grid`` with these weights).
     """
-    s = grid[:-1]
-    counts = [max(2, math.ceil(per_unit * math.log(a / b))) for a, b in zip(s[:-1], s[1:])]
-    states, _, x0 = teacher_solve(model, x_T, s, counts, extra_args, disable=True)
-    targets = [*states[1:], x0]
     solver, x, weights = MultistepSolver(method, grid, lower_order_final=True), x_T, []
     for i in range(len(grid) - 1):
         denoised = model(x, as_sigma(grid[i], x), **extra_args)
@@ -268,30 +275,30 @@ def corrected_run(model, x_T: Tensor, grid: list[float], method: str, extra_args
 
 E2E_LR = 0.01  # Adam's first step, in units of each feature's RMS (weights) and of log σ (input σ)
 E2E_JUMP = 0.5  # a step that raises the fit items' mean log error by more is undone and the step halved
+E2E_EVALS = 240  # the end-to-end fit's default budget: runs × nfe (40 runs at 6 NFE, 24 at 10)
 
 
 def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
-                       weights: list[list[float]], iters: int, fit: slice, check: slice) -> tuple[dict, int, int]:
+                       weights: list[list[float]], scales: list[list[float]], iters: int, fit: slice,
+                       check: slice) -> tuple[dict, Tensor, int, int]:
     """End-to-end fit of the correction weights and of the σ at which each step evaluates the network
     (decoupled time steps, as LD3, Tong et al. 2024; S4S fits its coefficients end to end too): Adam on the
     mean log error of the final sample against the teacher's over the ``fit`` items, by backpropagation
-    through the solver and the network, from ``weights`` and the grid's σ.
+    through the solver and the network, from ``weights`` (in units of the features' ``scales``, from
+    ``corrected_run``) and the grid's σ.
 
     Adam moves every parameter by about its step at once; where that overshoots (the fit items' mean log
     error rises by more than ``E2E_JUMP``: at 10 NFE on ``fashion`` a first step of 0.01 turned its error
     from e^−0.69 to e^+0.7) the step is undone and redone at half the step size, from the same gradient.
     Of the ``iters`` runs, returns the options (``corrections``, ``input_sigmas``) of the one with the least
-    mean log error over the ``check`` items (the start included), the backward calls made and the runs
-    (each ``len(grid) − 1`` forward calls)."""
+    mean log error over the ``check`` items (the start included), its samples, the backward calls made and
+    the runs (each ``len(grid) − 1`` forward calls)."""
     like = dict(dtype=x_T.dtype, device=x_T.device)
-    v = torch.zeros(len(weights), **like, requires_grad=True)
-    with torch.no_grad():
-        zero = torch.zeros(len(weights), len(weights[0]), **like)
-        _, scales = corrected_run(model, x_T, grid, method, extra_args, zero, v, None)
     u = torch.tensor([[w / c for w, c in zip(row, sc)] for row, sc in zip(weights, scales)], **like,
                      requires_grad=True)
+    v = torch.zeros(len(weights), **like, requires_grad=True)
     opt, lr, last = torch.optim.Adam([u, v], lr=E2E_LR), E2E_LR, None
-    best, backward, run = (math.inf, u.detach().clone(), v.detach().clone()), 0, 0
+    best, backward, run = (math.inf, u.detach().clone(), v.detach().clone(), None), 0, 0
     with torch.enable_grad():
         for run in range(iters):
             out, _ = corrected_run(model, x_T, grid, method, extra_args, u, v, scales)
@@ -309,7 +316,7 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
             if not torch.isfinite(loss):
                 break
             if held < best[0]:
-                best = (held, u.detach().clone(), v.detach().clone())
+                best = (held, u.detach().clone(), v.detach().clone(), out.detach())
             opt.zero_grad()
             loss.backward()
             last = (loss.item(), u.detach().clone(), v.detach().clone(), copy.deepcopy(opt.state_dict()))
@@ -317,7 +324,7 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
             backward += len(grid) - 1
     rows = [[w * c for w, c in zip(row, sc)] for row, sc in zip(best[1].tolist(), scales)]
     inputs = [s * math.exp(c) for s, c in zip(grid[:-1], best[2].tolist())]
-    return {"corrections": rows, "input_sigmas": inputs}, backward, run + 1
+    return {"corrections": rows, "input_sigmas": inputs}, best[3], backward, run + 1
 
 
 def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) -> tuple[list[float], float]:
@@ -349,7 +356,7 @@ def search_grids(objective, starts: dict, methods, nfe: int, log_min: float, max
 def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None, sigma_min: float | None = None,
                  sigma_max: float | None = None, method=None, disable: bool | None = None, candidates: int = 24,
                  substeps: int = 4, max_evals: int | None = None, refine: int = 1,
-                 corrections: bool = True, end_to_end: int = 40) -> TunedSampler:
+                 corrections: bool = True, end_to_end: int | None = None) -> TunedSampler:
     """Fit an ``nfe``-step grid, solver, per-step corrections and input σ to ``model`` on calibration noises.
 
     GITS dynamic programming over a teacher solve, end-to-end Nelder–Mead refinement of the grid, then
@@ -370,20 +377,20 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         refine: how many solvers to refine, those whose best start is best first.
         corrections: fit per-step correction weights (S4S-style) on the chosen grid.
         end_to_end: Adam steps refining those weights by backpropagation through the sampler (each costs
-            ``nfe`` forward and ``nfe`` backward calls, counted in ``tuning_nfe``); 0 keeps the least squares.
+            ``nfe`` forward and ``nfe`` backward calls, counted in ``tuning_nfe``); default ``E2E_EVALS // nfe``
+            (a fixed budget of calls: 40 steps at 6 NFE, 24 at 10); 0 keeps the least squares.
     """
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method)
     sigma_min, sigma_max = _sigma_range(model, x_T, sigma_min, sigma_max)
     counted, clock = CountingDenoiser(model), time.perf_counter()
     s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
     s[0], s[-1] = sigma_max, sigma_min  # exactly, not through exp(log(·))
-    states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
+    fine, states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
     teacher_nfe = counted.calls
-    starts = {"gits": gits_grid(s, states, Ds, x0, nfe),
+    starts = {"gits": gits_grid(s, states[::substeps], Ds[::substeps], x0, nfe),
               **{f"karras{rho}": get_sigmas_karras(nfe, sigma_min, sigma_max, rho).double().tolist()
                  for rho in (5, 7, 9)},
               "exponential": get_sigmas_exponential(nfe, sigma_min, sigma_max).double().tolist()}
-    del states, Ds
     objective = lambda m: lambda g: final_error(counted, x_T, x0, g, m, extra_args)  # noqa: E731
     errors, refined = search_grids(objective, starts, methods, nfe, math.log(sigma_min),
                                    32 if max_evals is None else max_evals, refine)
@@ -391,9 +398,11 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     grid, solver_kw = refined[best] if start == "refined" else starts[start], {"lower_order_final": True}
     backward = steps = 0
     if corrections:
-        per_unit = substeps * (len(s) - 1) / math.log(sigma_max / sigma_min)
+        targets = [*teacher_at(fine, states, Ds, grid[1:-1]), x0]
+        del states, Ds
+        runs = E2E_EVALS // nfe if end_to_end is None else end_to_end
         options, corrected, backward, steps = choose_corrections(counted, x_T, x0, grid, best, extra_args,
-                                                                 per_unit, end_to_end, errors)
+                                                                 targets, runs, errors)
         solver_kw.update(options)
         error = corrected
     info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
@@ -405,29 +414,31 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
 
 
 def choose_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
-                       per_unit: float, end_to_end: int, errors: dict) -> tuple[dict, float, int, int]:
-    """Least-squares correction weights (``fit_corrections``), then weights and the network's input σ fitted
-    end to end (``refine_corrections``, at most ``end_to_end`` Adam steps, from the least-squares weights or
-    none, whichever does better on the fit items), both on the first three quarters of the calibration
-    noises. The last quarter decides: the options with the lower mean log error there among those that
-    lower it below the plain run's, without raising the RMS over all the noises (on mixtures weights can buy
-    a better median with more items in the wrong mode), or none. Returns them, their mean log calibration
-    error (the plain run's if none), the backward calls spent and the end-to-end steps taken; ``errors``
-    gets each fit's mean log error over the last quarter."""
+                       targets: list[Tensor], end_to_end: int, errors: dict) -> tuple[dict, float, int, int]:
+    """Least-squares correction weights (``fit_corrections``, on the teacher's ``targets``), then weights and
+    the network's input σ fitted end to end (``refine_corrections``, ``end_to_end`` Adam steps, from the
+    least-squares weights or none, whichever does better on the fit items), both on the first three quarters
+    of the calibration noises. The last quarter decides: the options with the lower mean log error there
+    among those that lower it below the plain run's, without raising the RMS over all the noises (on
+    mixtures weights can buy a better median with more items in the wrong mode), or none. Returns them,
+    their mean log calibration error (the plain run's if none), the backward calls spent and the end-to-end
+    steps taken; ``errors`` gets each fit's mean log error over the last quarter."""
     n = x_T.shape[0]
     fit, check = slice(0, n - max(1, n // 4)), slice(n - max(1, n // 4), n)
     scores = lambda out: (sample_errors(out[check], x0[check])[0], *sample_errors(out, x0))  # noqa: E731
-    plain_run = run_grid(model, x_T, grid, method, extra_args)
+    zero = torch.zeros(len(grid) - 1, len(CORRECTION_FEATURES), dtype=x_T.dtype, device=x_T.device)
+    plain_run, scales = corrected_run(model, x_T, grid, method, extra_args, zero, zero[:, 0], None)
     plain = scores(plain_run)
     errors[method, "plain_check"] = plain[0]
-    weights, corrected = fit_corrections(model, x_T, grid, method, extra_args, per_unit, fit)
+    weights, corrected = fit_corrections(model, x_T, grid, method, extra_args, targets, fit)
     found, backward, steps = {"least_squares": ({"corrections": weights}, scores(corrected))}, 0, 0
     if end_to_end > 0:
         fit_error = lambda out: sample_errors(out[fit], x0[fit])[0]  # noqa: E731
         start = weights if fit_error(corrected) < fit_error(plain_run) else [[0.0] * len(w) for w in weights]
-        options, backward, steps = refine_corrections(model, x_T, x0, grid, method, extra_args, start,
-                                                      end_to_end, fit, check)
-        found["end_to_end"] = options, scores(run_grid(model, x_T, grid, method, extra_args, **options))
+        options, out, backward, steps = refine_corrections(model, x_T, x0, grid, method, extra_args, start, scales,
+                                                           end_to_end, fit, check)
+        if out is not None:
+            found["end_to_end"] = options, scores(out)
     kept = []
     for name, (options, (held, log_error, rms)) in found.items():
         errors[method, name] = held
