@@ -1,8 +1,11 @@
 """docs/arena.md's section on tuned few-step samplers: the selection methods at 80 NFE on a tuned grid
 against the same methods on the default Heun grids, same noises, paired 95% intervals.
 
-    kdiff-align tune --model toy:fashion --nfe 6 --calib 16 --max-evals 0 --seed 1000 --out scripts/arena_tuned6.json
+    kdiff-align tune --model toy:fashion --nfe 6 --calib 32 --seed 1000 --out scripts/arena_tuned6.json
     python scripts/arena_tuned.py --sampler scripts/arena_tuned6.json --out arena_tuned_out --images 16
+
+(``scripts/arena_tuned6_gits.json``, the bare GITS grid of an earlier tuner, runs the same way; the section's
+second paragraph compares the two.)
 
 The arena samples unconditionally (null class); the calibration noises (seed 1000) are not the arena's
 images (seed 0). Both run folders resume; the section replaces the one at the end of docs/arena.md (its Finding paragraph is
