@@ -225,8 +225,18 @@ def run_grid(model, x_T: Tensor, grid: list[float], method: str, extra_args: dic
 
 
 def final_error(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict) -> float:
-    """Mean log per-sample L2 error of ``method`` on ``grid`` against the teacher's final samples."""
-    return sample_errors(run_grid(model, x_T, grid, method, extra_args), x0)[0]
+    """The grid search's objective: the mean of the per-sample L2 errors' mean log and median log, for
+    ``method`` on ``grid`` against the teacher's final samples (inf if not finite).
+
+    Both weigh the typical item; the mean log alone could buy a wider spread with a worse median (the 2-D
+    mixture at 10 NFE: a grid with mean log −6.46 against Karras's −5.23 had the median 0.0027 against
+    0.0017 on held-out noises, better at both quartiles), and the median alone is a rough objective.
+    """
+    err = _per_item((run_grid(model, x_T, grid, method, extra_args) - x0).unsqueeze(0))[0].double()
+    if not torch.isfinite(err).all():
+        return math.inf
+    log = err.clamp_min(1e-300).log()
+    return float(0.5 * log.mean() + 0.5 * log.median())
 
 
 def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_args: dict, targets: list[Tensor],
