@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     print(text)
     doc = ROOT / "docs" / "arena.md"
     old = doc.read_text()
-    kept = old[:old.index(TUNED_SECTION)] if TUNED_SECTION in old else old.rstrip("\n") + "\n"
+    kept = (old[:old.index(TUNED_SECTION)] if TUNED_SECTION in old else old).rstrip("\n") + "\n"
     doc.write_text(kept + text)
     return 0
 
