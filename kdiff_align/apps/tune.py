@@ -43,8 +43,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-evals", type=cliargs.nonnegative_int, default=None,
                    help="sampler runs of each refined solver (default 32; 0: the best start grid only)")
     p.add_argument("--end-to-end", type=cliargs.nonnegative_int, default=None,
-                   help="Adam steps fitting the corrections through the model's gradients (default 240 // nfe; "
-                        "0: least squares only)")
+                   help="Adam steps fitting the corrections through the model's gradients (default "
+                        f"{sampling.tune.E2E_EVALS} // nfe; 0: least squares only)")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the calibration noises")
     p.add_argument("--device", type=cliargs.device, default=None, help="cuda when available, else cpu")
     p.add_argument("--threads", type=cliargs.positive_int, default=1, help="torch intra-op threads")
