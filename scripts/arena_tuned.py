@@ -1,16 +1,16 @@
 """docs/arena.md's section on tuned few-step samplers: the selection methods at 80 NFE on a tuned grid
 against the same methods on the default Heun grids, same noises, paired 95% intervals.
 
-    kdiff-align tune --model toy:fashion --nfe 6 --calib 32 --seed 1000 --out scripts/arena_tuned6.json
-    python scripts/arena_tuned.py --sampler scripts/arena_tuned6.json --out arena_tuned_out --images 16
+    kdiff-align tune --model toy:fashion --nfe 5 --calib 32 --seed 1000 --out scripts/arena_tuned5.json
+    python scripts/arena_tuned.py --sampler scripts/arena_tuned5.json --out arena_tuned_out --images 16
 
-(``scripts/arena_tuned6_gits.json``, the bare GITS grid of an earlier tuner, runs the same way; the section's
-second paragraph compares the two.)
+(``scripts/arena_tuned6.json``, the same tuner at 6 NFE, and ``scripts/arena_tuned6_gits.json``, the bare GITS
+grid of an earlier tuner, run the same way; the section's hand-written paragraphs compare them.)
 
 The arena samples unconditionally (null class); the calibration noises (seed 1000) are not the arena's
-images (seed 0). Both run folders resume; the section replaces the one at the end of docs/arena.md (its Finding paragraph is
-written by hand)
-(``scripts/arena_report.py`` keeps it when it regenerates the page).
+images (seed 0). Both run folders resume; the section replaces the one at the end of docs/arena.md (its
+Finding paragraphs are written by hand; ``scripts/arena_report.py`` keeps the section when it regenerates
+the page).
 """
 from __future__ import annotations
 
@@ -66,7 +66,24 @@ def section(tuned: TunedSampler, heun: dict, fast: dict, command: str, images: i
             mean, half, n = paired(fast[m, BUDGET], heun[m, BUDGET], key)
             fd = fast[m, BUDGET]["fidelity_fd"] - heun[m, BUDGET]["fidelity_fd"]
             lines.append(f"| {m} | {what} | {mean:+.3f} | [{mean - half:+.3f}, {mean + half:+.3f}] | {n} | {fd:+.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + best_against_best(heun, fast)) + "\n"
+
+
+def best_against_best(heun: dict, fast: dict) -> list[str]:
+    """The selection method with the highest mean target reward on each solver, paired against each other,
+    and the verdict on the issue's target (≥ TARGET logits, FD no worse)."""
+    pick = lambda found: max(METHODS[1:], key=lambda m: found[m, BUDGET]["reward"])  # noqa: E731
+    mine, theirs = fast[pick(fast), BUDGET], heun[pick(heun), BUDGET]
+    fd = mine["fidelity_fd"] - theirs["fidelity_fd"]
+    lines = ["", f"Best selection method against best: {pick(fast)} on the tuned sampler − {pick(heun)} on Heun "
+             "(paired, 95% t-interval):", "", "| reward | mean difference | 95% interval | pairs | FD tuned − Heun |",
+             "|---|---|---|---|---|"]
+    for key, what in (("rewards", "target"), ("heldout_rewards", "held-out")):
+        mean, half, n = paired(mine, theirs, key)
+        lines.append(f"| {what} | {mean:+.3f} | [{mean - half:+.3f}, {mean + half:+.3f}] | {n} | {fd:+.1f} |")
+    verdict = "met" if paired(mine, theirs, "rewards")[0] >= TARGET and fd <= 0 else "not met"
+    return lines + ["", f"Target (best against best ≥ +{TARGET:.1f} logit on the target reward, FD no worse): "
+                    f"**{verdict}**."]
 
 
 def main(argv=None) -> int:
