@@ -2,7 +2,7 @@
 against the same methods on the default Heun grids, same noises, paired 95% intervals.
 
     kdiff-align tune --model toy:fashion --nfe 5 --calib 32 --seed 1000 --out scripts/arena_tuned5.json
-    python scripts/arena_tuned.py --sampler scripts/arena_tuned5.json --out arena_tuned_out --images 16
+    python scripts/arena_tuned.py --sampler scripts/arena_tuned5.json --out arena_tuned_out --images 64
 
 (``scripts/arena_tuned6.json``, the same tuner at 6 NFE, and ``scripts/arena_tuned6_gits.json``, the bare GITS
 grid of an earlier tuner, run the same way; the section's hand-written paragraphs compare them.)
