@@ -26,8 +26,10 @@ unconditional model), median distance to a 500-step DPM-Solver++(3M) reference f
 ``--n`` held-out noises (calibration and evaluation noises and, for CFG, classes differ; the
 reference's own error against a 1000-step solve is printed on 8 of them), then the
 Fréchet distance (classifier features, ``kdiff_align.metrics``) of ``--fd`` samples of the tuned
-sampler at ``--fd-nfe`` against the best peer at 10 NFE, and the tuning cost in NFE (and the tuner's
-own teacher's) and seconds.
+sampler at ``--fd-nfe`` against the best peer at 10 NFE (with a paired-bootstrap interval of the
+difference), the tuned samplers' FD at the other budgets, that peer's own FD and median distance at the
+``--fd-context`` budgets (FD need not fall as a solver grows more accurate), and the tuning cost in NFE (and
+the tuner's own teacher's) and seconds.
 
 ``flow``: the median error of each of our multistep solvers at its default settings over k-diffusion's
 ``sample_lms`` on SD3-shift grids at 15–40 steps (the closed-form problems above, 512 items).
@@ -45,6 +47,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -241,9 +244,6 @@ def model_teacher_error(pipe, cfg: float, classes: list[int], x, ref, items: int
 
 @torch.no_grad()
 def run_model(args) -> None:
-    from quality import reference_sets
-
-    from kdiff_align.metrics import features, frechet_distance
     from kdiff_align.models import toy
     torch.manual_seed(0)
     pipe, K = toy.load(args.model), _kdiffusion.load()
@@ -275,17 +275,49 @@ def run_model(args) -> None:
               f"({which['median']}) | ratio {mine / best['median']:.3f} | tuning {tuned.tuning_nfe} NFE (its teacher "
               f"{tuned.info.get('teacher_nfe')}) x {args.calib} rows, {seconds:.0f} s")
     if args.fd:
-        x_test, _, _, _ = reference_sets("fashion", "auto")
-        f_test = features(pipe.classifier, x_test)
         label, sched = best_at[10].rsplit("/", 1)
-        steps = steps_for(peers[label], D_eval, x_eval, 10)
-        peer = lambda m, x: peers[label](m, x, grids[sched](steps).to(x.dtype))  # noqa: E731
-        fd_tuned = frechet_distance(features(pipe.classifier, sample_in_chunks(
-            lambda m, x: tuned_at[args.fd_nfe](m, x, disable=True), pipe, args.cfg, args.fd, 10)), f_test)
-        fd_peer = frechet_distance(features(pipe.classifier, sample_in_chunks(peer, pipe, args.cfg, args.fd, 10)),
-                                   f_test)
-        print(f"  FD of {args.fd} samples: tuned at {args.fd_nfe} NFE {fd_tuned:.3f} | best peer at 10 NFE "
-              f"({label}/{sched}) {fd_peer:.3f} | ratio {fd_tuned / fd_peer:.3f} (target <= 1)")
+        peer_at = lambda b: (lambda m, x: peers[label](  # noqa: E731
+            m, x, grids[sched](steps_for(peers[label], D_eval, x_eval, b)).to(x.dtype)))
+        print_fd(args, pipe, tuned_at, peer_at, best_at[10],
+                 lambda b: scores(peer_at(b)(D_eval, x_eval), ref)["median"])
+
+
+def fd_interval(f_a, f_b, f_ref, resamples: int = 200, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of FD(a) − FD(b) against ``f_ref``: the same resampled items (same noises)
+    for both sample sets."""
+    from kdiff_align.metrics import frechet_distance
+    rng, diffs = np.random.default_rng(seed), []
+    for _ in range(resamples):
+        i = rng.integers(0, len(f_a), len(f_a))
+        diffs.append(frechet_distance(f_a[i], f_ref) - frechet_distance(f_b[i], f_ref))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def print_fd(args, pipe, tuned_at: dict, peer_at, peer: str, median_at) -> None:
+    """FD of ``--fd`` samples of the tuned samplers and of the best 10-NFE peer against the test images, with the
+    paired-bootstrap interval of the target's difference, then the peer's FD at the ``--fd-context`` budgets
+    (``median_at(b)``: its median distance to the reference there)."""
+    from quality import reference_sets
+
+    from kdiff_align.metrics import features, frechet_distance
+    f_test = features(pipe.classifier, reference_sets("fashion", "auto")[0])
+    feats = lambda sampler: features(  # noqa: E731
+        pipe.classifier, sample_in_chunks(sampler, pipe, args.cfg, args.fd, 10))
+    f_tuned = {b: feats(lambda m, x, t=t: t(m, x, disable=True)) for b, t in tuned_at.items()}
+    f_peer = feats(peer_at(10))
+    fd_tuned, fd_peer = frechet_distance(f_tuned[args.fd_nfe], f_test), frechet_distance(f_peer, f_test)
+    low, high = fd_interval(f_tuned[args.fd_nfe], f_peer, f_test)
+    print(f"  FD of {args.fd} samples: tuned at {args.fd_nfe} NFE {fd_tuned:.3f} | best peer at 10 NFE ({peer}) "
+          f"{fd_peer:.3f} | ratio {fd_tuned / fd_peer:.3f} (target <= 1) | difference {fd_tuned - fd_peer:+.2f}, "
+          f"95% paired bootstrap {low:+.2f} to {high:+.2f}")
+    others = [f"{b} NFE {frechet_distance(f, f_test):.3f}" for b, f in f_tuned.items() if b != args.fd_nfe]
+    context = [f"{b} NFE {frechet_distance(feats(peer_at(b)), f_test):.3f} (median {median_at(b):.3g})"
+               for b in args.fd_context]
+    if others:
+        print(f"  FD of the tuned samplers at the other budgets: {', '.join(others)}")
+    if context:  # FD need not fall as the same solver grows more accurate
+        print(f"  the same peer's FD at other budgets (median distance as above): {', '.join(context)}")
 
 
 def run_flow(args) -> None:
@@ -347,6 +379,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-evals", type=int, default=None, help="model: refinement runs (tune_sampler's default)")
     parser.add_argument("--fd", type=int, default=1000, help="model: samples for the Fréchet distance (0: skip)")
     parser.add_argument("--fd-nfe", type=int, default=6)
+    parser.add_argument("--fd-context", type=int, nargs="*", default=[8, 14, 20],
+                        help="model: budgets at which the best 10-NFE peer's FD is printed too (none: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = args.part == "model"
