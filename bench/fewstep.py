@@ -276,8 +276,11 @@ def run_model(args) -> None:
               f"{tuned.info.get('teacher_nfe')}) x {args.calib} rows, {seconds:.0f} s")
     if args.fd:
         label, sched = best_at[10].rsplit("/", 1)
-        peer_at = lambda b: (lambda m, x: peers[label](  # noqa: E731
-            m, x, grids[sched](steps_for(peers[label], D_eval, x_eval, b)).to(x.dtype)))
+
+        def peer_at(b: int):
+            """The best 10-NFE peer on its schedule at budget ``b`` (the grid found once)."""
+            sigmas = grids[sched](steps_for(peers[label], D_eval, x_eval, b))
+            return lambda m, x: peers[label](m, x, sigmas.to(x.dtype))
         print_fd(args, pipe, tuned_at, peer_at, best_at[10],
                  lambda b: scores(peer_at(b)(D_eval, x_eval), ref)["median"])
 

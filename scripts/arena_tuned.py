@@ -73,15 +73,16 @@ def best_against_best(heun: dict, fast: dict) -> list[str]:
     """The selection method with the highest mean target reward on each solver, paired against each other,
     and the verdict on the issue's target (≥ TARGET logits, FD no worse)."""
     pick = lambda found: max(METHODS[1:], key=lambda m: found[m, BUDGET]["reward"])  # noqa: E731
-    mine, theirs = fast[pick(fast), BUDGET], heun[pick(heun), BUDGET]
-    fd = mine["fidelity_fd"] - theirs["fidelity_fd"]
-    lines = ["", f"Best selection method against best: {pick(fast)} on the tuned sampler − {pick(heun)} on Heun "
+    ours, theirs = pick(fast), pick(heun)
+    mine, other = fast[ours, BUDGET], heun[theirs, BUDGET]
+    fd = mine["fidelity_fd"] - other["fidelity_fd"]
+    diffs = {what: paired(mine, other, key) for key, what in (("rewards", "target"), ("heldout_rewards", "held-out"))}
+    lines = ["", f"Best selection method against best: {ours} on the tuned sampler − {theirs} on Heun "
              "(paired, 95% t-interval):", "", "| reward | mean difference | 95% interval | pairs | FD tuned − Heun |",
              "|---|---|---|---|---|"]
-    for key, what in (("rewards", "target"), ("heldout_rewards", "held-out")):
-        mean, half, n = paired(mine, theirs, key)
-        lines.append(f"| {what} | {mean:+.3f} | [{mean - half:+.3f}, {mean + half:+.3f}] | {n} | {fd:+.1f} |")
-    verdict = "met" if paired(mine, theirs, "rewards")[0] >= TARGET and fd <= 0 else "not met"
+    lines += [f"| {what} | {mean:+.3f} | [{mean - half:+.3f}, {mean + half:+.3f}] | {n} | {fd:+.1f} |"
+              for what, (mean, half, n) in diffs.items()]
+    verdict = "met" if diffs["target"][0] >= TARGET and fd <= 0 else "not met"
     return lines + ["", f"Target (best against best ≥ +{TARGET:.1f} logit on the target reward, FD no worse): "
                     f"**{verdict}**."]
 
