@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 
 import kdiff_align as ka
 from kdiff_align.sampling import TunedSampler, tune_sampler
-from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
-
 from kdiff_align.strategies import gaussian_problems
+from kdiff_align.testing import CountingDenoiser, GaussianDenoiser, MixtureDenoiser
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
@@ -402,3 +401,39 @@ def test_teacher_states_between_its_nodes_match_a_fine_solve():
         ref = ka.odeint(model, x, fine_solve, method="dpmpp_3m", disable=True)
         above = states[max(k for k, v in enumerate(fine[:-1]) if v >= sigma)]
         assert median_error(state, ref) < min(2e-3, 0.3 * median_error(above, ref)), sigma
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 300), seed=st.integers(0, 2**31 - 1))
+def test_calibration_split_is_a_partition_holding_out_a_quarter(n, seed):
+    from kdiff_align.sampling.tune import calibration_split
+    fit, check = calibration_split(n, torch.Generator().manual_seed(seed))
+    assert len(check) == max(1, n // 4) and sorted(fit.tolist() + check.tolist()) == list(range(n))
+    assert torch.equal(check, check.sort().values) and torch.equal(fit, fit.sort().values)
+    again = calibration_split(n, torch.Generator().manual_seed(seed))
+    assert torch.equal(again[0], fit) and torch.equal(again[1], check)
+    assert calibration_split(n) == (slice(0, n - max(1, n // 4)), slice(n - max(1, n // 4), n))
+
+
+def test_generator_draws_the_held_out_quarter_that_checks_the_corrections():
+    """The errors the keep-or-drop check reads are those of the drawn items: the plain run's mean log error
+    over ``info["check_items"]`` (recomputed here from the teacher) is ``errors[method/plain_check]``, and
+    without a generator the last quarter's; a seeded generator reproduces the sampler bit for bit."""
+    from kdiff_align.sampling.tune import item_errors, run_grid, teacher_solve
+    model, x_T, nfe = mixture(4), noises(32, 4, 0), 4
+    kw = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, end_to_end=4)
+    drawn = tune_sampler(model, x_T, nfe, generator=torch.Generator().manual_seed(3), **kw)
+    again = tune_sampler(model, x_T, nfe, generator=torch.Generator().manual_seed(3), **kw)
+    last = tune_sampler(model, x_T, nfe, **kw)
+    assert drawn.solver_kw == again.solver_kw and torch.equal(drawn.sigmas, again.sigmas)
+    assert "check_items" not in last.info
+    check = drawn.info["check_items"]
+    assert len(check) == 8 and check != list(range(24, 32))
+    s = np.exp(np.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), 24)).tolist()
+    s[0], s[-1] = SIGMA_MAX, SIGMA_MIN
+    x0 = teacher_solve(model, x_T, s, 4, {}, disable=True)[3]
+    for tuned, items in ((drawn, check), (last, list(range(24, 32)))):
+        log = item_errors(run_grid(model, x_T, tuned.sigmas.tolist(), tuned.method, {}), x0).log()
+        assert tuned.info["errors"][f"{tuned.method}/plain_check"] == pytest.approx(log[items].mean().item(), abs=1e-9)
+    with pytest.raises(TypeError, match="generator"):
+        tune_sampler(model, x_T, nfe, generator=3, **kw)

@@ -27,8 +27,15 @@ from ..schedules import get_sigmas_exponential, get_sigmas_karras
 from ..testing import CountingDenoiser
 from ..utils import as_sigma, atomic_write, check_finite, check_sigmas, nfe_summary
 from .core import check_method, odeint
-from .multistep import (CORRECTION_FEATURES, MULTISTEP_METHODS, MultistepSolver, correction, correction_features,
-                        dpmpp_step, multistep_odeint)
+from .multistep import (
+    CORRECTION_FEATURES,
+    MULTISTEP_METHODS,
+    MultistepSolver,
+    correction,
+    correction_features,
+    dpmpp_step,
+    multistep_odeint,
+)
 
 TUNE_METHODS = ("ipndm", "dpmpp_2m", "unipc", "deis")
 FEW_STEP_METHOD, FEW_STEP_BELOW = "unipc", 10  # the default solver below 10 NFE when corrections are fitted
@@ -111,7 +118,8 @@ class TunedSampler:
         return tuned
 
 
-def _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections) -> tuple[tuple[str, ...], dict]:
+def _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections,
+                       generator=None) -> tuple[tuple[str, ...], dict]:
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
@@ -121,6 +129,8 @@ def _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections) -> tupl
         raise ValueError(f"x_T must be a batch of calibration noises [n >= 2, ...], got shape {tuple(x_T.shape)}")
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict of model keyword arguments, got {type(extra_args).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if method is None:
         method = (FEW_STEP_METHOD,) if corrections and nfe < FEW_STEP_BELOW else TUNE_METHODS
     methods = (method,) if isinstance(method, str) else tuple(method)
@@ -372,7 +382,8 @@ def search_grids(objective, starts: dict, methods, nfe: int, log_min: float, max
 
 @torch.no_grad()
 def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None, sigma_min: float | None = None,
-                 sigma_max: float | None = None, method=None, disable: bool | None = None, candidates: int = 24,
+                 sigma_max: float | None = None, method=None, generator: torch.Generator | None = None,
+                 disable: bool | None = None, candidates: int = 24,
                  substeps: int = 4, max_evals: int | None = None, refine: int = 1,
                  corrections: bool = True, end_to_end: int | None = None) -> TunedSampler:
     """Fit an ``nfe``-step grid, solver, per-step corrections and input σ to ``model`` on calibration noises.
@@ -392,6 +403,9 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
             without them: 0.74–0.98× that one's median error on the shipped models at 6 NFE, mode flips no
             higher than the best peer's at 11 closed-form budgets instead of 6), otherwise ``TUNE_METHODS``
             (at 10 NFE ``unipc`` alone did 1.13–1.60× worse than the search over them).
+        generator: draws which quarter of the calibration noises is held out to check the corrections
+            (``calibration_split``); default the last quarter. Pass one when the noises' order carries
+            meaning, e.g. ``extra_args`` conditions grouped by prompt.
         candidates: number of log-uniform candidate σ values of the DP; ``substeps`` teacher steps
             between neighbours (teacher: DPM-Solver++(3M), ``(candidates − 1)·substeps + 1`` evaluations).
         max_evals: end-to-end sampler runs of each refined solver (default 32); 0 keeps the
@@ -402,7 +416,7 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
             ``nfe`` forward and ``nfe`` backward calls, counted in ``tuning_nfe``); default ``E2E_EVALS // nfe``
             (a fixed budget of calls: 40 steps at 6 NFE, 24 at 10); 0 keeps the least squares.
     """
-    methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections)
+    methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections, generator)
     sigma_min, sigma_max = _sigma_range(model, x_T, sigma_min, sigma_max)
     counted, clock = CountingDenoiser(model), time.perf_counter()
     s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
@@ -423,30 +437,45 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         targets = [*teacher_at(fine, states, Ds, grid[1:-1]), x0]
         del states, Ds
         runs = E2E_EVALS // nfe if end_to_end is None else end_to_end
+        fit, check = calibration_split(x_T.shape[0], generator)
         options, corrected, backward, steps = choose_corrections(counted, x_T, x0, grid, best, extra_args,
-                                                                 targets, runs, errors)
+                                                                 targets, runs, errors, fit, check)
         solver_kw.update(options)
         error = corrected
     info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
             "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
             "sigma_max": sigma_max, "tuning_rows": counted.rows, "backward_calls": backward, "end_to_end_steps": steps,
             "seconds": round(time.perf_counter() - clock, 3)}
+    if corrections and generator is not None:
+        info["check_items"] = check.tolist()
     tuning_nfe = nfe_summary(counted.calls, backward)["total"]
     return TunedSampler(grid, best, solver_kw=solver_kw, tuning_nfe=round(tuning_nfe), info=info)
 
 
+def calibration_split(n: int, generator: torch.Generator | None = None) -> tuple:
+    """Indices of the ``n`` calibration noises that fit the corrections and of the quarter (at least one)
+    that checks them: the last quarter, or with ``generator`` a random one (both sorted)."""
+    held = max(1, n // 4)
+    if generator is None:
+        return slice(0, n - held), slice(n - held, n)
+    order = torch.randperm(n, generator=generator, device=generator.device).cpu()
+    return order[held:].sort().values, order[:held].sort().values
+
+
 def choose_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
-                       targets: list[Tensor], end_to_end: int, errors: dict) -> tuple[dict, float, int, int]:
+                       targets: list[Tensor], end_to_end: int, errors: dict, fit=None,
+                       check=None) -> tuple[dict, float, int, int]:
     """Least-squares correction weights (``fit_corrections``, on the teacher's ``targets``), then weights and
     the network's input σ fitted end to end (``refine_corrections``, ``end_to_end`` Adam steps, from the
-    least-squares weights or none, whichever does better on the fit items), both on the first three quarters
-    of the calibration noises. The last quarter decides: the options with the lower mean log error there
-    among those that lower it below the plain run's, without raising the RMS over all the noises (on
-    mixtures weights can buy a better median with more items in the wrong mode), or none. Returns them,
-    their mean log calibration error (the plain run's if none), the backward calls spent and the end-to-end
-    steps taken; ``errors`` gets each fit's mean log error over the last quarter."""
-    n = x_T.shape[0]
-    fit, check = slice(0, n - max(1, n // 4)), slice(n - max(1, n // 4), n)
+    least-squares weights or none, whichever does better on the fit items), both on the ``fit`` items of the
+    calibration noises (default ``calibration_split``: the first three quarters). The ``check`` items (the
+    rest) decide: the options with the lower mean log error there among those that lower it below the plain
+    run's, without raising the RMS over all the noises (on mixtures weights can buy a better median with more
+    items in the wrong mode), or none. Returns them, their mean log calibration error (the plain run's if
+    none), the backward calls spent and the end-to-end steps taken; ``errors`` gets each fit's mean log
+    error over the check items."""
+    if fit is None or check is None:
+        fit, check = calibration_split(x_T.shape[0])
     scores = lambda out: (sample_errors(out[check], x0[check])[0], *sample_errors(out, x0))  # noqa: E731
     zero = torch.zeros(len(grid) - 1, len(CORRECTION_FEATURES), dtype=x_T.dtype, device=x_T.device)
     plain_run, scales = corrected_run(model, x_T, grid, method, extra_args, zero, zero[:, 0], None)
