@@ -3,29 +3,10 @@ import torch
 
 import kdiff_align as ka
 from kdiff_align.external import DiffusersDenoiser, DiscreteDenoiser, KarrasDenoiser
-from kdiff_align.schedules import sigmas_from_alphas_cumprod, t_to_sigma
+from kdiff_align.schedules import sigmas_from_alphas_cumprod
 from kdiff_align.testing import GaussianDenoiser
 
-
-def alphas_cumprod(n=1000):
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, n, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
-
-
-class ExactNet(torch.nn.Module):
-    """A discrete-time VP network that predicts the exact ε (or v) of a Gaussian's data law."""
-
-    def __init__(self, gaussian, table, prediction_type):
-        super().__init__()
-        self.gaussian, self.table, self.prediction_type = gaussian, table, prediction_type
-
-    def forward(self, x_vp, t):
-        sigma = t_to_sigma(t, self.table).to(x_vp)
-        c_in = (1 / (sigma**2 + 1) ** 0.5)[:, None]
-        x = x_vp / c_in
-        x0 = self.gaussian(x, sigma)
-        eps = (x - x0) / sigma[:, None]
-        return eps if self.prediction_type == "epsilon" else c_in * eps - sigma[:, None] * c_in * x0
+from tiny import ExactNet, alphas_cumprod
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

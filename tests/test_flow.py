@@ -7,20 +7,7 @@ from kdiff_align.external import FlowDenoiser
 from kdiff_align.schedules import flow_shift, get_sigmas_flow
 from kdiff_align.testing import GaussianDenoiser
 
-
-class GaussianVelocity(torch.nn.Module):
-    """Exact velocity E[ε − x₀ | x_t] of Gaussian data, called as v(x_t, t·t_scale)."""
-
-    def __init__(self, gaussian, t_scale=1.0):
-        super().__init__()
-        self.gaussian, self.t_scale = gaussian, t_scale
-
-    def forward(self, x_t, t_scaled):
-        t = t_scaled / self.t_scale
-        sigma = t / (1 - t)
-        x = x_t / (1 - t)[:, None]
-        x0 = self.gaussian(x, sigma)
-        return (x - x0) / sigma[:, None] - x0
+from tiny import GaussianVelocity
 
 
 @pytest.mark.parametrize("t_scale", [1.0, 1000.0])
