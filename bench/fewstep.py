@@ -214,6 +214,7 @@ def run_closed(args) -> None:
 MODEL_PEERS = ("K.heun", "K.lms", "K.dpmpp_2m", "K.dpmpp_3m_sde(eta=0)", "diffusers.dpmpp_3m", "diffusers.unipc2",
                "diffusers.unipc3", "diffusers.deis3")
 MODEL_TEACHER_STEPS = 500
+FD_EXACT_STEPS = 50  # the model's own samples for FD: DPM-Solver++(3M), its error printed against the reference
 
 
 def guided(pipe, cfg: float, classes: list[int]):
@@ -281,26 +282,30 @@ def run_model(args) -> None:
             """The best 10-NFE peer on its schedule at budget ``b`` (the grid found once)."""
             sigmas = grids[sched](steps_for(peers[label], D_eval, x_eval, b))
             return lambda m, x: peers[label](m, x, sigmas.to(x.dtype))
+        exact = lambda m, x: ka.odeint(m, x, pipe.sigmas(FD_EXACT_STEPS), method="dpmpp_3m", disable=True)  # noqa: E731
         print_fd(args, pipe, tuned_at, peer_at, best_at[10],
-                 lambda b: scores(peer_at(b)(D_eval, x_eval), ref)["median"])
+                 lambda b: scores((exact if b is None else peer_at(b))(D_eval, x_eval), ref)["median"], exact)
 
 
-def fd_interval(f_a, f_b, f_ref, resamples: int = 200, seed: int = 0) -> tuple[float, float]:
+def fd_interval(f_a, f_b, f_ref, resamples: int = 200, seed: int = 0, paired_ref: bool = False) -> tuple[float, float]:
     """95% paired-bootstrap interval of FD(a) − FD(b) against ``f_ref``: the same resampled items (same noises)
-    for both sample sets."""
+    for both sample sets, and for ``f_ref`` too where it comes from the same noises (``paired_ref``)."""
     from kdiff_align.metrics import frechet_distance
     rng, diffs = np.random.default_rng(seed), []
     for _ in range(resamples):
         i = rng.integers(0, len(f_a), len(f_a))
-        diffs.append(frechet_distance(f_a[i], f_ref) - frechet_distance(f_b[i], f_ref))
+        ref = f_ref[i] if paired_ref else f_ref
+        diffs.append(frechet_distance(f_a[i], ref) - frechet_distance(f_b[i], ref))
     low, high = np.percentile(diffs, [2.5, 97.5])
     return float(low), float(high)
 
 
-def print_fd(args, pipe, tuned_at: dict, peer_at, peer: str, median_at) -> None:
+def print_fd(args, pipe, tuned_at: dict, peer_at, peer: str, median_at, exact) -> None:
     """FD of ``--fd`` samples of the tuned samplers and of the best 10-NFE peer against the test images, with the
     paired-bootstrap interval of the target's difference, then the peer's FD at the ``--fd-context`` budgets
-    (``median_at(b)``: its median distance to the reference there)."""
+    (``median_at(b)``: its median distance to the reference there; ``median_at(None)``: ``exact``'s). Last, the
+    FD of each against the model's own samples from the same noises (``exact``, a fine solve): how far each
+    sampler moves the model's distribution, which the FD against the data mixes with the model's own error."""
     from quality import reference_sets
 
     from kdiff_align.metrics import features, frechet_distance
@@ -315,12 +320,22 @@ def print_fd(args, pipe, tuned_at: dict, peer_at, peer: str, median_at) -> None:
           f"{fd_peer:.3f} | ratio {fd_tuned / fd_peer:.3f} (target <= 1) | difference {fd_tuned - fd_peer:+.2f}, "
           f"95% paired bootstrap {low:+.2f} to {high:+.2f}")
     others = [f"{b} NFE {frechet_distance(f, f_test):.3f}" for b, f in f_tuned.items() if b != args.fd_nfe]
-    context = [f"{b} NFE {frechet_distance(feats(peer_at(b)), f_test):.3f} (median {median_at(b):.3g})"
-               for b in args.fd_context]
+    f_context = {b: feats(peer_at(b)) for b in args.fd_context}
+    context = [f"{b} NFE {frechet_distance(f, f_test):.3f} (median {median_at(b):.3g})" for b, f in f_context.items()]
     if others:
         print(f"  FD of the tuned samplers at the other budgets: {', '.join(others)}")
     if context:  # FD need not fall as the same solver grows more accurate
         print(f"  the same peer's FD at other budgets (median distance as above): {', '.join(context)}")
+    f_exact = feats(exact)
+    to_model = lambda f: frechet_distance(f, f_exact)  # noqa: E731
+    low, high = fd_interval(f_tuned[args.fd_nfe], f_peer, f_exact, paired_ref=True)
+    print(f"  the model's own samples ({FD_EXACT_STEPS}-step DPM-Solver++(3M), median {median_at(None):.3g} from the "
+          f"reference): FD {frechet_distance(f_exact, f_test):.3f} against the data. FD against them, from the same "
+          f"noises: tuned at {args.fd_nfe} NFE {to_model(f_tuned[args.fd_nfe]):.3f} | best peer at 10 NFE "
+          f"{to_model(f_peer):.3f} | ratio {to_model(f_tuned[args.fd_nfe]) / to_model(f_peer):.3f} | 95% paired "
+          f"bootstrap of the difference {low:+.3f} to {high:+.3f}")
+    print("    tuned at " + ", ".join(f"{b} NFE {to_model(f):.3f}" for b, f in f_tuned.items())
+          + "; the peer at " + ", ".join(f"{b} NFE {to_model(f):.3f}" for b, f in {10: f_peer, **f_context}.items()))
 
 
 def run_flow(args) -> None:
