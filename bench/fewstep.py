@@ -331,15 +331,16 @@ def print_fd(args, pipe, tuned_at: dict, peer_at, peer: str, median_at, exact) -
     if context:  # FD need not fall as the same solver grows more accurate
         print(f"  the same peer's FD at other budgets (median distance as above): {', '.join(context)}")
     f_exact = feats(exact)
-    to_model = lambda f: frechet_distance(f, f_exact)  # noqa: E731
+    tuned_fd = {b: frechet_distance(f, f_exact) for b, f in f_tuned.items()}
+    peer_fd = {b: frechet_distance(f, f_exact) for b, f in {10: f_peer, **f_context}.items()}
     low, high = fd_interval(f_tuned[args.fd_nfe], f_peer, f_exact, paired_ref=True)
     print(f"  the model's own samples ({FD_EXACT_STEPS}-step DPM-Solver++(3M), median {median_at(None):.3g} from the "
           f"reference): FD {frechet_distance(f_exact, f_test):.3f} against the data. FD against them, from the same "
-          f"noises: tuned at {args.fd_nfe} NFE {to_model(f_tuned[args.fd_nfe]):.3f} | best peer at 10 NFE "
-          f"{to_model(f_peer):.3f} | ratio {to_model(f_tuned[args.fd_nfe]) / to_model(f_peer):.3f} | 95% paired "
-          f"bootstrap of the difference {low:+.3f} to {high:+.3f}")
-    print("    tuned at " + ", ".join(f"{b} NFE {to_model(f):.3f}" for b, f in f_tuned.items())
-          + "; the peer at " + ", ".join(f"{b} NFE {to_model(f):.3f}" for b, f in {10: f_peer, **f_context}.items()))
+          f"noises: tuned at {args.fd_nfe} NFE {tuned_fd[args.fd_nfe]:.3f} | best peer at 10 NFE {peer_fd[10]:.3f} | "
+          f"ratio {tuned_fd[args.fd_nfe] / peer_fd[10]:.3f} | 95% paired bootstrap of the difference {low:+.3f} to "
+          f"{high:+.3f}")
+    print("    tuned at " + ", ".join(f"{b} NFE {v:.3f}" for b, v in tuned_fd.items())
+          + "; the peer at " + ", ".join(f"{b} NFE {v:.3f}" for b, v in peer_fd.items()))
 
 
 def run_flow(args) -> None:

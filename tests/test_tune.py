@@ -387,10 +387,9 @@ def test_teacher_states_between_its_nodes_match_a_fine_solve():
     """``teacher_at`` (the teacher's dense output, no evaluation) gives its own nodes exactly and, between
     them, the state of a 2000-step solve to within 2e-3 (measured ≤ 7e-4 on states of size 4–42) and within
     0.3× the distance of the nearest node above (measured ≤ 0.09×), so a step that went nowhere would fail."""
-    from kdiff_align.sampling.tune import teacher_at, teacher_solve
+    from kdiff_align.sampling.tune import candidate_sigmas, teacher_at, teacher_solve
     model, x = mixture(4), noises(64, 4, 0)
-    s = np.exp(np.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), 24)).tolist()
-    s[0], s[-1] = SIGMA_MAX, SIGMA_MIN
+    s = candidate_sigmas(SIGMA_MAX, SIGMA_MIN, 24)
     counted = CountingDenoiser(model)
     fine, states, Ds, x0 = teacher_solve(counted, x, s, 4, {}, disable=True)
     assert counted.calls == len(fine) - 1 == 93 and len(states) == len(Ds) == 93
@@ -419,7 +418,7 @@ def test_generator_draws_the_held_out_quarter_that_checks_the_corrections():
     """The errors the keep-or-drop check reads are those of the drawn items: the plain run's mean log error
     over ``info["check_items"]`` (recomputed here from the teacher) is ``errors[method/plain_check]``, and
     without a generator the last quarter's; a seeded generator reproduces the sampler bit for bit."""
-    from kdiff_align.sampling.tune import item_errors, run_grid, teacher_solve
+    from kdiff_align.sampling.tune import candidate_sigmas, item_errors, run_grid, teacher_solve
     model, x_T, nfe = mixture(4), noises(32, 4, 0), 4
     kw = dict(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, end_to_end=4)
     drawn = tune_sampler(model, x_T, nfe, generator=torch.Generator().manual_seed(3), **kw)
@@ -429,8 +428,7 @@ def test_generator_draws_the_held_out_quarter_that_checks_the_corrections():
     assert "check_items" not in last.info
     check = drawn.info["check_items"]
     assert len(check) == 8 and check != list(range(24, 32))
-    s = np.exp(np.linspace(math.log(SIGMA_MAX), math.log(SIGMA_MIN), 24)).tolist()
-    s[0], s[-1] = SIGMA_MAX, SIGMA_MIN
+    s = candidate_sigmas(SIGMA_MAX, SIGMA_MIN, 24)
     x0 = teacher_solve(model, x_T, s, 4, {}, disable=True)[3]
     for tuned, items in ((drawn, check), (last, list(range(24, 32)))):
         log = item_errors(run_grid(model, x_T, tuned.sigmas.tolist(), tuned.method, {}), x0).log()

@@ -139,6 +139,14 @@ def _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections,
     return methods, {} if extra_args is None else extra_args
 
 
+def candidate_sigmas(sigma_max: float, sigma_min: float, n: int) -> list[float]:
+    """``n`` log-uniform σ values from ``sigma_max`` down to ``sigma_min`` (both exactly, not through exp(log(·))):
+    the teacher's nodes and GITS's candidates."""
+    s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n)).tolist()
+    s[0], s[-1] = sigma_max, sigma_min
+    return s
+
+
 def teacher_solve(model, x_T: Tensor, s: list[float], substeps: int, extra_args: dict, disable=None) -> tuple:
     """The teacher: DPM-Solver++(3M) with ``substeps`` log-uniform steps between neighbours of ``s``
     (decreasing, > 0), ending with x = D(x, s[-1]).
@@ -419,8 +427,7 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections, generator)
     sigma_min, sigma_max = _sigma_range(model, x_T, sigma_min, sigma_max)
     counted, clock = CountingDenoiser(model), time.perf_counter()
-    s = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), max(candidates, nfe))).tolist()
-    s[0], s[-1] = sigma_max, sigma_min  # exactly, not through exp(log(·))
+    s = candidate_sigmas(sigma_max, sigma_min, max(candidates, nfe))
     fine, states, Ds, x0 = teacher_solve(counted, x_T, s, substeps, extra_args, disable)
     teacher_nfe = counted.calls
     starts = {"gits": gits_grid(s, states[::substeps], Ds[::substeps], x0, nfe),
@@ -463,19 +470,16 @@ def calibration_split(n: int, generator: torch.Generator | None = None) -> tuple
 
 
 def choose_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
-                       targets: list[Tensor], end_to_end: int, errors: dict, fit=None,
-                       check=None) -> tuple[dict, float, int, int]:
-    """Least-squares correction weights (``fit_corrections``, on the teacher's ``targets``), then weights and
-    the network's input σ fitted end to end (``refine_corrections``, ``end_to_end`` Adam steps, from the
-    least-squares weights or none, whichever does better on the fit items), both on the ``fit`` items of the
-    calibration noises (default ``calibration_split``: the first three quarters). The ``check`` items (the
-    rest) decide: the options with the lower mean log error there among those that lower it below the plain
-    run's, without raising the RMS over all the noises (on mixtures weights can buy a better median with more
-    items in the wrong mode), or none. Returns them, their mean log calibration error (the plain run's if
-    none), the backward calls spent and the end-to-end steps taken; ``errors`` gets each fit's mean log
-    error over the check items."""
-    if fit is None or check is None:
-        fit, check = calibration_split(x_T.shape[0])
+                       targets: list[Tensor], end_to_end: int, errors: dict, fit,
+                       check) -> tuple[dict, float, int, int]:
+    """Least-squares correction weights (``fit_corrections``, on the teacher's ``targets``), then weights and the
+    network's input σ fitted end to end (``refine_corrections``, ``end_to_end`` Adam steps, from the least-squares
+    weights or none, whichever does better on the fit items), both on the ``fit`` items of the calibration noises
+    (``calibration_split``). The ``check`` items (the rest) decide: the options with the lower mean log error there
+    among those that lower it below the plain run's, without raising the RMS over all the noises (on mixtures
+    weights can buy a better median with more items in the wrong mode), or none. Returns them, their mean log
+    calibration error (the plain run's if none), the backward calls spent and the end-to-end steps taken; ``errors``
+    gets each fit's mean log error over the check items."""
     scores = lambda out: (sample_errors(out[check], x0[check])[0], *sample_errors(out, x0))  # noqa: E731
     zero = torch.zeros(len(grid) - 1, len(CORRECTION_FEATURES), dtype=x_T.dtype, device=x_T.device)
     plain_run, scales = corrected_run(model, x_T, grid, method, extra_args, zero, zero[:, 0], None)
