@@ -1,11 +1,13 @@
 """Few-step frontier (issue 25): tuned samplers against the best peer solver *and* schedule at 5–10 NFE.
 
     python bench/fewstep.py closed                       # closed-form problems, VE and SD3-flow grids
+    python bench/fewstep.py closed --laws heldout        # three problems not used while developing the tuner
     python bench/fewstep.py model --model fashion --cfg 0 # a shipped model (median distance, FD)
     python bench/fewstep.py flow                         # our default solvers vs k-diffusion's LMS, SD3 grids
     python bench/fewstep.py sdgrid                       # our defaults vs diffusers' log-σ algorithms, SD grids
 
-``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64, on Karras-range VE grids
+``closed``: Gaussians (8-D, 64-D) and mixtures (2-D, 8-D), float64 (``--laws heldout``: a 16-D Gaussian and
+mixtures in 3-D and 16-D, never used while the tuner was developed), on Karras-range VE grids
 (σ ∈ [0.002, 80]) and, through ``FlowDenoiser``, on SD3-shift flow grids (σ from ``get_sigmas_flow(n,
 shift=3)``'s range, ~0.003 to ~3000). ``tune_sampler`` is fitted on ``--calib`` noises and every
 sampler is evaluated on ``--n`` other noises against a 2000-step Heun reference from the same noise
@@ -76,6 +78,20 @@ def laws() -> dict:
                                  torch.tensor([0.7, 0.3])).double(),
         "mix8d": MixtureDenoiser(means8, torch.tensor([0.3, 0.5, 0.8, 0.2]),
                                  torch.tensor([0.4, 0.3, 0.2, 0.1])).double()}
+
+
+def heldout_laws() -> dict:
+    """Three laws never used while the tuner was developed (``--laws heldout``): an anisotropic 16-D Gaussian
+    and mixtures of three modes in 3-D and six in 16-D."""
+    gen = torch.Generator().manual_seed(123)
+    return {
+        "gauss16": GaussianDenoiser(torch.randn(16, generator=gen),
+                                    torch.logspace(-1.5, 0.5, 16)[torch.randperm(16, generator=gen)]).double(),
+        "mix3d": MixtureDenoiser(torch.randn(3, 3, generator=gen) * 1.5, torch.tensor([0.5, 0.2, 0.35]),
+                                 torch.tensor([0.5, 0.25, 0.25])).double(),
+        "mix16d": MixtureDenoiser(torch.randn(6, 16, generator=gen) * 1.2,
+                                  torch.tensor([0.3, 0.6, 0.4, 0.25, 0.5, 0.35]),
+                                  torch.tensor([0.25, 0.2, 0.2, 0.15, 0.1, 0.1])).double()}
 
 
 def as_flow(model):
@@ -197,7 +213,7 @@ def run_closed(args) -> None:
         print("k-diffusion could not be loaded: its peers are left out")
     peers, results = peer_solvers(K), {}
     print(PEERS_NOTE)
-    for name, law in laws().items():
+    for name, law in (heldout_laws() if args.laws == "heldout" else laws()).items():
         for flow in (False, True):
             label = f"{name}/{'flow' if flow else 've'}"
             results[label] = closed_problem(label, law, flow, args.budgets, args.n, args.calib, peers)
@@ -397,6 +413,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=None, help="NFE budgets (closed: 5 6 8 10)")
     parser.add_argument("--n", type=int, default=None, help="evaluation items (closed: 512, model: 32)")
     parser.add_argument("--calib", type=int, default=None, help="calibration noises (closed: 128, model: 32)")
+    parser.add_argument("--laws", default="dev", choices=("dev", "heldout"),
+                        help="closed: the problems the tuner was developed on, or three never used then")
     parser.add_argument("--model", default="fashion", choices=("fashion", "fashion_latent"))
     parser.add_argument("--cfg", type=float, default=0.0, help="CFG weight (0: unconditional)")
     parser.add_argument("--max-evals", type=int, default=None, help="model: refinement runs (tune_sampler's default)")
