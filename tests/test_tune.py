@@ -148,6 +148,12 @@ def test_default_solver_is_unipc_below_10_nfe_when_corrections_are_fitted():
     (dict(x_T=torch.full((4, 3), float("nan"))), "x_T"),
     (dict(method="heun"), "method"),
     (dict(sigma_min=100.0), "sigma_min"),
+    (dict(refine=-1), "refine"),
+    (dict(refine=1.5), "refine"),
+    (dict(max_evals=-1), "max_evals"),
+    (dict(end_to_end=True), "end_to_end"),
+    (dict(candidates=1), "candidates"),
+    (dict(substeps=0), "substeps"),
 ])
 def test_bad_input_fails_naming_the_argument(kw, match):
     args = dict(model=gaussian(3).float(), x_T=torch.randn(4, 3) * 10, nfe=3) | kw

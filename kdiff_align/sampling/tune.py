@@ -118,8 +118,11 @@ class TunedSampler:
         return tuned
 
 
-def _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections,
-                       generator=None) -> tuple[tuple[str, ...], dict]:
+def _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections, generator=None,
+                       counts: dict | None = None) -> tuple[tuple[str, ...], dict]:
+    for name, (value, low) in (counts or {}).items():  # the search's sizes: None (a default) or an integer >= low
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not callable(model):
         raise TypeError(f"model must be a callable denoiser D(x, sigma, **extra_args), got {type(model).__name__}")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
@@ -424,13 +427,16 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
             one with the least check error after them is kept (``info["check_errors"]``). The solver that is
             best without corrections need not be best with them: on two of three SD3-shift flow mixtures at
             10 NFE (``refine=4``) ``unipc`` was kept, with 0.2 % mode flips against 1.6 and 2.0 % for the solver
-            that led before them. Default 1: on the shipped models each finalist costs about half the tuning.
+            that led before them. Default 1: on the shipped models each finalist costs about half the tuning;
+            0 refines none and fits the corrections of the best solver on its best start.
         corrections: fit per-step correction weights (S4S-style) on the chosen grid.
         end_to_end: Adam steps refining those weights by backpropagation through the sampler (each costs
             ``nfe`` forward and ``nfe`` backward calls, counted in ``tuning_nfe``); default ``E2E_EVALS // nfe``
             (a fixed budget of calls: 40 steps at 6 NFE, 24 at 10); 0 keeps the least squares.
     """
-    methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections, generator)
+    methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections, generator, counts={
+        "candidates": (candidates, 2), "substeps": (substeps, 1), "max_evals": (max_evals, 0), "refine": (refine, 0),
+        "end_to_end": (end_to_end, 0)})
     sigma_min, sigma_max = _sigma_range(model, x_T, sigma_min, sigma_max)
     counted, clock = CountingDenoiser(model), time.perf_counter()
     s = candidate_sigmas(sigma_max, sigma_min, max(candidates, nfe))
