@@ -260,9 +260,14 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
                      "--cfg", "1.5", "--calib", "8", "--max-evals", "6", "--end-to-end", "5", "--no-progress"]) == 0
     tuned = TunedSampler.load(out)
     assert tuned.nfe == 3 and tuned.info["cfg"] == 1.5 and tuned.tuning_nfe > 0
-    # the end-to-end runs reached the model's gradients (one backward pass per run it kept, 3 calls each)
+    # the end-to-end runs reached the model's gradients (one backward pass per run it kept but the last, 3 calls
+    # each)
     backward = tuned.info["backward_calls"]
-    assert 0 < backward <= 5 * 3 and backward % 3 == 0 and tuned.info["end_to_end_steps"] == 5
+    assert 0 < backward <= 4 * 3 and backward % 3 == 0 and tuned.info["end_to_end_steps"] == 5
+    ten = tmp_path / "ten.json"  # from 10 NFE four solvers are searched: --refine 2 corrects two of them
+    assert cli.main(["tune", "--model", "toy:mixture", "--nfe", "10", "--out", str(ten), "--calib", "8",
+                     "--max-evals", "4", "--end-to-end", "2", "--refine", "2", "--no-progress"]) == 0
+    assert len(TunedSampler.load(ten).info["check_errors"]) == 2
     gen = tmp_path / "gen"
     assert cli.main(["generate", "--model", "toy:mixture", "--prompt", "dark", "--seeds", "0-1", "--cfg", "1.5",
                      "--method", "best_of_n", "--n", "3", "--reward", "brightness", "--sampler", str(out),
@@ -280,6 +285,8 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
                         (["tune", "--model", "toy:mixture", "--nfe", "0", "--out", str(out)], "--nfe"),
                         (["tune", "--model", "toy:mixture", "--nfe", "3", "--end-to-end", "-1", "--out", str(out)],
                          "--end-to-end"),
+                        (["tune", "--model", "toy:mixture", "--nfe", "3", "--refine", "0", "--out", str(out)],
+                         "--refine"),
                         (["generate", "--model", "toy:mixture", "--prompt", "dark", "--out", str(tmp_path / "g2"),
                           "--sampler", str(tmp_path / "missing.json")], "--sampler")):
         try:

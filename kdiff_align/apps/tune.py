@@ -6,8 +6,9 @@
 ``sampling.tune_sampler`` solves the PF-ODE finely from ``--calib`` seeded noises (the teacher) and fits
 the σ grid, solver, per-step corrections and network input σ of an ``--nfe``-evaluation sampler to its
 final samples (GITS dynamic programming, a derivative-free refinement of the grid, least-squares
-corrections, then ``--end-to-end`` Adam steps through the model's gradients). Tune per guidance scale: a
-grid fitted at CFG 3 is not the one for CFG 7.
+corrections, then ``--end-to-end`` runs fitting them through the model's gradients; from 10 NFE, where four
+solvers are searched, ``--refine`` of them get corrections and the best after them is kept). Tune per guidance
+scale: a grid fitted at CFG 3 is not the one for CFG 7.
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def add_cli(sub) -> None:
     p.add_argument("--max-evals", type=cliargs.nonnegative_int, default=None,
                    help="sampler runs of each refined solver (default 32; 0: the best start grid only)")
     p.add_argument("--end-to-end", type=cliargs.nonnegative_int, default=None,
-                   help="Adam steps fitting the corrections through the model's gradients (default "
+                   help="runs fitting the corrections through the model's gradients (default "
                         f"{sampling.tune.E2E_EVALS} // nfe; 0: least squares only)")
+    p.add_argument("--refine", type=cliargs.positive_int, default=1,
+                   help="solvers refined and corrected, the best after corrections kept (from 10 NFE, where "
+                        "four are searched; each costs about one more fit)")
     p.add_argument("--seed", type=cliargs.seed, default=0, help="seed of the calibration noises")
     p.add_argument("--device", type=cliargs.device, default=None, help="cuda when available, else cpu")
     p.add_argument("--threads", type=cliargs.positive_int, default=1, help="torch intra-op threads")
@@ -63,7 +67,7 @@ def cli_main(args) -> int:
     x_T = pipe.get_init_latent(args.calib, torch.Generator(device).manual_seed(args.seed))
     clock = time.perf_counter()
     tuned = sampling.tune_sampler(model, x_T, args.nfe, sigma_min=pipe.sigma_min, sigma_max=pipe.sigma_max,
-                                  max_evals=args.max_evals, end_to_end=args.end_to_end,
+                                  max_evals=args.max_evals, end_to_end=args.end_to_end, refine=args.refine,
                                   disable=args.no_progress or None)
     tuned.info.update(model=args.model, prompt=args.prompt, cfg=args.cfg, seed=args.seed)
     tuned.save(out)
