@@ -433,9 +433,9 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
             0 refines none and fits the corrections of the best solver on its best start.
         corrections: fit per-step correction weights (S4S-style) on the chosen grid.
         end_to_end: sampler runs refining those weights by backpropagation through the sampler, an Adam step
-            after each but the last (each costs ``nfe`` forward and ``nfe`` backward calls, counted in
-            ``tuning_nfe``); default ``E2E_EVALS // nfe``
-            (a fixed budget of calls: 40 runs at 6 NFE, 24 at 10); 0 keeps the least squares.
+            after each but the last (each costs ``nfe`` forward calls, and ``nfe`` backward calls for its step,
+            counted in ``tuning_nfe``); default ``E2E_EVALS // nfe`` (a fixed budget of calls: 40 runs at 6
+            NFE, 24 at 10); 0 keeps the least squares.
     """
     methods, extra_args = _check_tune_inputs(model, x_T, nfe, extra_args, method, corrections, generator, counts={
         "candidates": (candidates, 2), "substeps": (substeps, 1), "max_evals": (max_evals, 0), "refine": (refine, 0),
