@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -452,9 +453,9 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
     objective = lambda m: lambda g: final_error(counted, x_T, x0, g, m, extra_args)  # noqa: E731
     errors, refined = search_grids(objective, starts, methods, nfe, math.log(sigma_min),
                                    32 if max_evals is None else max_evals, refine)
-    found = {m: min((kv for kv in errors.items() if kv[0][0] == m), key=lambda kv: kv[1]) for m in methods}
+    found = {m: min(((k, e) for (n, k), e in errors.items() if n == m), key=lambda ke: ke[1]) for m in methods}
     finalists = sorted(methods, key=lambda m: found[m][1])[:max(1, refine) if corrections else 1]
-    grids = {m: refined[m] if found[m][0][1] == "refined" else starts[found[m][0][1]] for m in finalists}
+    grids = {m: refined[m] if found[m][0] == "refined" else starts[found[m][0]] for m in finalists}
     best, solver_kw, backward, steps = finalists[0], {"lower_order_final": True}, 0, 0
     error = found[best][1]
     if corrections:  # each finalist's corrections; the solver with the least check error after them is kept
@@ -464,17 +465,17 @@ def tune_sampler(model, x_T: Tensor, nfe: int, *, extra_args: dict | None = None
         fit, check = calibration_split(x_T.shape[0], generator)
         fitted = {m: choose_corrections(counted, x_T, x0, grids[m], m, extra_args, targets[m], runs, errors, fit,
                                         check) for m in finalists}
-        best = min(finalists, key=lambda m: fitted[m][2])  # the check error
-        options, error, _, _, _ = fitted[best]
-        solver_kw.update(options)
-        backward, steps = (sum(f[k] for f in fitted.values()) for k in (3, 4))
-    start, grid = found[best][0][1], grids[best]
+        best = min(finalists, key=lambda m: fitted[m].check_error)
+        solver_kw.update(fitted[best].options)
+        error = fitted[best].error
+        backward, steps = sum(f.backward for f in fitted.values()), sum(f.runs for f in fitted.values())
+    start, grid = found[best][0], grids[best]
     info = {"calibration": int(x_T.shape[0]), "teacher_nfe": teacher_nfe, "grid_from": start, "error": error,
             "errors": {f"{m}/{k}": e for (m, k), e in errors.items()}, "sigma_min": sigma_min,
             "sigma_max": sigma_max, "tuning_rows": counted.rows, "backward_calls": backward, "end_to_end_steps": steps,
             "seconds": round(time.perf_counter() - clock, 3)}
     if corrections:
-        info["check_errors"] = {m: fitted[m][2] for m in finalists}
+        info["check_errors"] = {m: fitted[m].check_error for m in finalists}
         if generator is not None:
             info["check_items"] = check.tolist()
     tuning_nfe = nfe_summary(counted.calls, backward)["total"]
@@ -491,17 +492,25 @@ def calibration_split(n: int, generator: torch.Generator | None = None) -> tuple
     return order[held:].sort().values, order[:held].sort().values
 
 
+class Corrected(NamedTuple):
+    """``choose_corrections``'s result: the solver options kept (``{}``: none), their mean log error over all the
+    calibration noises and over the check items, the backward calls spent and the end-to-end runs made."""
+    options: dict
+    error: float
+    check_error: float
+    backward: int
+    runs: int
+
+
 def choose_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method: str, extra_args: dict,
-                       targets: list[Tensor], end_to_end: int, errors: dict, fit,
-                       check) -> tuple[dict, float, float, int, int]:
+                       targets: list[Tensor], end_to_end: int, errors: dict, fit, check) -> Corrected:
     """Least-squares correction weights (``fit_corrections``, on the teacher's ``targets``), then weights and the
     network's input σ fitted end to end (``refine_corrections``, ``end_to_end`` Adam steps, from the least-squares
     weights or none, whichever does better on the fit items), both on the ``fit`` items of the calibration noises
     (``calibration_split``). The ``check`` items (the rest) decide: the options with the lower mean log error there
     among those that lower it below the plain run's, without raising the RMS over all the noises (on mixtures
-    weights can buy a better median with more items in the wrong mode), or none. Returns them, their mean log
-    calibration error and mean log error over the check items (the plain run's if none), the backward calls spent
-    and the end-to-end steps taken; ``errors`` gets each fit's mean log error over the check items."""
+    weights can buy a better median with more items in the wrong mode), or none (then the errors are the plain
+    run's); ``errors`` gets each fit's mean log error over the check items."""
     scores = lambda out: (sample_errors(out[check], x0[check])[0], *sample_errors(out, x0))  # noqa: E731
     zero = torch.zeros(len(grid) - 1, len(CORRECTION_FEATURES), dtype=x_T.dtype, device=x_T.device)
     plain_run, scales = corrected_run(model, x_T, grid, method, extra_args, zero, zero[:, 0], None)
@@ -522,7 +531,7 @@ def choose_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
         if held < plain[0] and rms <= plain[2]:
             kept.append((held, log_error, options))
     held, error, options = min(kept, key=lambda kv: kv[0], default=(plain[0], plain[1], {}))
-    return options, error, held, backward, steps
+    return Corrected(options, error, held, backward, steps)
 
 
 def _sigma_range(model, x_T: Tensor, sigma_min, sigma_max) -> tuple[float, float]:
