@@ -298,6 +298,45 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
     assert not (tmp_path / "t.txt").exists() and not (tmp_path / "g2").exists()
 
 
+def test_cli_tune_on_a_prompts_file_cycles_the_calibration_noises_over_them(tmp_path, monkeypatch, capsys):
+    import json
+
+    from kdiff_align.apps import cli
+    from kdiff_align.apps import tune as tune_app
+    from kdiff_align.models.mixture import mixture_pipeline
+    pipes = []
+    monkeypatch.setattr(tune_app, "load_model", lambda model, device: pipes.append(mixture_pipeline(device))
+                        or pipes[-1])
+    prompts, out = tmp_path / "prompts.txt", tmp_path / "tuned.json"
+    prompts.write_text("dark\n\nlight\n")
+    assert cli.main(["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(out), "--prompts", str(prompts),
+                     "--calib", "6", "--max-evals", "2", "--end-to-end", "0", "--no-progress"]) == 0
+    info = json.loads(out.read_text())["info"]
+    assert info["prompts"] == ["dark", "light"] and "prompt" not in info
+    assert set(pipes[0]._prompt_cache) == {"dark", "light", ""}  # both prompts (and CFG's null) reached the model
+    # noise i is conditioned on prompt i mod k: the samples' brightness alternates (class means −0.6 and +0.6)
+    pipe = mixture_pipeline()
+    x = pipe.get_init_latent(4, torch.Generator().manual_seed(0))
+    condition = tune_app.calibration_condition(["dark", "light"], 1.0, 4)
+    x0 = ka.odeint(pipe.guided(condition, 4), x, pipe.sigmas(20), method="dpmpp_3m", disable=True)
+    assert x0.mean((1, 2, 3)).tolist() == pytest.approx([-0.6, 0.6, -0.6, 0.6], abs=0.15)
+    assert tune_app.calibration_condition(["dark"], 2.0, 4) == {"prompts": ["dark"], "cfgs": [2.0]}
+    capsys.readouterr()
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("dark\nmauve\n")
+    for argv, words in ((["--prompts", str(prompts), "--calib", "1"], "--calib"),
+                        (["--prompts", str(unknown)], "--prompts"),
+                        (["--prompts", str(prompts), "--prompt", "dark"], "--prompt")):
+        try:
+            status = cli.main(["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(tmp_path / "t.json"),
+                               *argv])
+        except SystemExit as exit_info:
+            status = exit_info.code
+        err = capsys.readouterr().err
+        assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "t.json").exists() and len(pipes) == 1  # failed before loading the model
+
+
 def test_newton_outer_sampler_runs_a_tuned_grid():
     from kdiff_align.align.newton import sample_constrained
     model = gaussian(4)
