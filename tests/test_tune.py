@@ -322,9 +322,10 @@ def test_cli_tune_on_a_prompts_file_cycles_the_calibration_noises_over_them(tmp_
     assert x0.mean((1, 2, 3)).tolist() == pytest.approx([-0.6, 0.6, -0.6, 0.6], abs=0.15)
     assert tune_app.calibration_condition(["dark"], 2.0, 4) == {"prompts": ["dark"], "cfgs": [2.0]}
     capsys.readouterr()
-    unknown = tmp_path / "unknown.txt"
+    unknown, three = tmp_path / "unknown.txt", tmp_path / "three.txt"
     unknown.write_text("dark\nmauve\n")
-    for argv, words in ((["--prompts", str(prompts), "--calib", "1"], "--calib"),
+    three.write_text("dark\ngrey\nlight\n")
+    for argv, words in ((["--prompts", str(three), "--calib", "2"], "--calib: at least one"),
                         (["--prompts", str(unknown)], "--prompts"),
                         (["--prompts", str(prompts), "--prompt", "dark"], "--prompt")):
         try:
