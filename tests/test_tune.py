@@ -280,7 +280,15 @@ def test_cli_tune_writes_a_sampler_that_generate_and_demon_run(tmp_path, capsys)
                      "--no-progress"]) == 0
     config = json.loads(next((tmp_path / "demon").glob("*/config.json")).read_text())
     assert config["method"]["sigmas"] == tuned.sigmas.tolist()
-    capsys.readouterr()
+    assert "warning" not in capsys.readouterr().err  # run on the model and CFG it was tuned on
+    # another guidance scale or model than the tuned one's: one warning line, and the run goes on
+    assert cli.main(["generate", "--model", "toy:mixture", "--prompt", "dark", "--seeds", "0", "--cfg", "3",
+                     "--sampler", str(out), "--out", str(tmp_path / "gen3"), "--no-progress"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "cfg 1.5 (this run: 3.0)" in warnings[0] and str(out) in warnings[0]
+    from kdiff_align.apps.cliargs import sampler_mismatch
+    assert "model 'toy:mixture' (this run: 'toy:fashion')" in sampler_mismatch(tuned, "toy:fashion", 1.5)
+    assert sampler_mismatch(tuned, "toy:mixture", 1.5) is None and sampler_mismatch("heun", "toy:fashion", 7.0) is None
     for argv, words in ((["tune", "--model", "toy:mixture", "--nfe", "3", "--out", str(tmp_path / "t.txt")], "--out"),
                         (["tune", "--model", "toy:mixture", "--nfe", "0", "--out", str(out)], "--nfe"),
                         (["tune", "--model", "toy:mixture", "--nfe", "3", "--end-to-end", "-1", "--out", str(out)],

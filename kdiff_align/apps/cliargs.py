@@ -264,6 +264,18 @@ def sampler_label(sampler) -> str:
     return sampler if isinstance(sampler, str) else getattr(sampler, "source", repr(sampler))
 
 
+def sampler_mismatch(sampler, model: str, cfg: float) -> str | None:
+    """A warning when ``--sampler`` is a tuned sampler whose record (``kdiff-align tune``'s ``model`` and ``cfg``)
+    names another model or guidance scale than this run's, else None: its grid and corrections were fitted there."""
+    info = {} if isinstance(sampler, str) else sampler.info
+    differ = [f"{key} {info[key]!r} (this run: {value!r})" for key, value in (("model", model), ("cfg", cfg))
+              if key in info and info[key] != value]
+    if not differ:
+        return None
+    return (f"warning: --sampler {sampler_label(sampler)} was tuned on {' and '.join(differ)}; "
+            f"tune once per model and guidance scale (kdiff-align tune)")
+
+
 def model_spec(text: str) -> str:
     """``toy:NAME`` (fashion, digits, fashion_latent, mixture) or a local diffusers folder; ``toy`` is deprecated."""
     if text == "toy":

@@ -380,6 +380,8 @@ def interrupted(args) -> str:
 def cli_main(args) -> int:
     import torch.distributed as dist
     check_args(args)
+    if warning := cliargs.sampler_mismatch(args.sampler, args.model, args.cfg):
+        print(warning, file=sys.stderr, flush=True)
     try:
         report = generate(args)
     finally:
