@@ -108,3 +108,16 @@ def test_vp_state_gives_the_flow_coordinate_solve(name):
     # measured ≤ 3e-13 (DPM-Solver++: 2e-6, its float32 state, as above)
     tol = 1e-5 if name == "dpmpp_3m" else 1e-11 * sigmas[0].item()
     torch.testing.assert_close(_diffusers.solver(name)(model, x, sigmas), flow, rtol=0, atol=tol)
+
+
+def test_fewstep_flip_test_is_exact_mcnemar_on_the_discordant_items():
+    none, first3 = torch.zeros(10, dtype=torch.bool), torch.arange(10) < 3
+    assert fewstep.more_flips_p(first3, none) == pytest.approx(1 / 8)  # 3 of 3 discordant items ours: (1/2)^3
+    assert fewstep.more_flips_p(first3, first3) == 1.0  # the same items: nothing to tell apart
+    assert fewstep.more_flips_p(none, first3) == 1.0  # the peer flips more
+    both, ours = torch.arange(10) < 5, (torch.arange(10) < 5) | (torch.arange(10) >= 8)  # 2 discordant, both ours
+    assert fewstep.more_flips_p(ours, both) == pytest.approx(1 / 4)
+    law = MixtureDenoiser(torch.tensor([[-2.0], [2.0]]), torch.tensor([0.3, 0.3]), torch.tensor([0.5, 0.5]))
+    x, ref = torch.tensor([[-2.0], [1.9], [2.1]]), torch.tensor([[-2.0], [-1.9], [2.0]])
+    assert fewstep.flipped(x, ref, law).tolist() == [False, True, False]
+    assert fewstep.flipped(x, ref, None) is None
