@@ -149,14 +149,19 @@ def flipped(x, ref, model) -> torch.Tensor | None:
     return model.classify(x) != model.classify(ref) if isinstance(model, MixtureDenoiser) else None
 
 
-def scores(x, ref, model=None) -> dict:
-    """Median and RMS of ‖x − x_ref‖ over items, and the mode-flip fraction for mixtures."""
+def scores_and_flips(x, ref, model=None) -> tuple[dict, torch.Tensor | None]:
+    """Median and RMS of ‖x − x_ref‖ over items and, for mixtures, the mode-flip fraction, with the
+    flipped items (``flipped``; None without modes)."""
     err = (x - ref).flatten(1).norm(dim=1)
-    out = {"median": err.median().item(), "rms": err.pow(2).mean().sqrt().item()}
-    mask = flipped(x, ref, model)
+    out, mask = {"median": err.median().item(), "rms": err.pow(2).mean().sqrt().item()}, flipped(x, ref, model)
     if mask is not None:
         out["flips"] = mask.double().mean().item()
-    return out
+    return out, mask
+
+
+def scores(x, ref, model=None) -> dict:
+    """Median and RMS of ‖x − x_ref‖ over items, and the mode-flip fraction for mixtures."""
+    return scores_and_flips(x, ref, model)[0]
 
 
 def more_flips_p(ours: torch.Tensor, peer: torch.Tensor) -> float:
@@ -182,15 +187,14 @@ def best_peer(peers: dict, grids: dict, model, x, ref, law, budget: int) -> tupl
     for label, solver in peers.items():
         steps = steps_for(solver, model, x, budget)
         for sched, grid in grids.items():
-            out = solver(model, x, grid(steps).to(x.dtype)) if steps else None
-            sc = {} if out is None else scores(out, ref, law)
+            sc, mask = scores_and_flips(solver(model, x, grid(steps).to(x.dtype)), ref, law) if steps else ({}, None)
             if sc.get("median", math.inf) < best.get("median", math.inf):
-                which["median_pair"], which["median_pair_flipped"] = sc, flipped(out, ref, law)
+                which["median_pair"], which["median_pair_flipped"] = sc, mask
             for k, v in sc.items():
                 if not math.isnan(v) and v < best.get(k, math.inf):
                     best[k], which[k] = v, f"{label}/{sched}"
                     if k == "flips":
-                        which["flips_flipped"] = flipped(out, ref, law)
+                        which["flips_flipped"] = mask
     return best, which
 
 
@@ -214,8 +218,7 @@ def closed_problem(name: str, law, flow: bool, budgets, n: int, calib: int, peer
         tuned = ka.tune_sampler(model, x_cal, b, sigma_min=sigma_min, sigma_max=sigma_max, candidates=40,
                                 max_evals=40 * (b - 1), refine=len(ka.sampling.TUNE_METHODS))  # cheap models
         seconds = time.perf_counter() - clock
-        sample = tuned(model, x_eval, disable=True)
-        mine, mask = scores(sample, ref, law), flipped(sample, ref, law)
+        mine, mask = scores_and_flips(tuned(model, x_eval, disable=True), ref, law)
         best, which = best_peer(peers, grids, model, x_eval, ref, law, b)
         if mask is not None:  # the flips' paired test against both peer pairs
             mine["p_fewest"] = more_flips_p(mask, which["flips_flipped"])

@@ -427,6 +427,13 @@ def check_prompts(prompts: list[str], model: str, flag: str = "--prompt") -> Non
         raise ValueError(f"{flag}: {model} does not know {unknown[:5]}; its prompts are '' or one of {names}")
 
 
+def prompts_of(args) -> list[str]:
+    """The prompts of ``--prompts`` FILE or else ``--prompt``, checked against a toy model's class names."""
+    prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
+    check_prompts(prompts, args.model, "--prompts" if args.prompts else "--prompt")
+    return prompts
+
+
 def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
     """One prompt per line; blank lines are skipped; an empty or unreadable file fails naming ``flag``."""
     try:

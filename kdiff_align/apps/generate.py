@@ -215,8 +215,7 @@ def say_repairs(exp, prompts: list[str], seeds: list[int]) -> None:
 
 def run_prompts(args) -> list[str]:
     """The run's prompts (``--prompts`` file or ``--prompt``), checked against a toy model's class names."""
-    prompts = cliargs.read_prompts(args.prompts) if args.prompts else [args.prompt]
-    cliargs.check_prompts(prompts, args.model, "--prompts" if args.prompts else "--prompt")
+    prompts = cliargs.prompts_of(args)
     kind, arg = parse_reward(args.reward)
     if kind == "classifier":
         cliargs.check_prompts([arg] if arg else prompts, args.model, "--reward classifier")

@@ -64,11 +64,10 @@ def add_cli(sub) -> None:
 def calibration_prompts(args) -> list[str]:
     """The prompts to tune on (``--prompts`` file or ``--prompt``), checked against a toy model's class names and
     against ``--calib`` (at least one noise per prompt)."""
-    flag = "--prompts" if args.prompts else "--prompt"
-    prompts = cliargs.read_prompts(args.prompts) if args.prompts else [args.prompt]
-    cliargs.check_prompts(prompts, args.model, flag)
+    prompts = cliargs.prompts_of(args)
     if len(prompts) > args.calib:
-        raise ValueError(f"--calib: at least one calibration noise per prompt ({len(prompts)} in {flag}), "
+        raise ValueError(f"--calib: at least one calibration noise per prompt ({len(prompts)} in "
+                         f"{'--prompts' if args.prompts else '--prompt'}), "
                          f"got {args.calib}")
     return prompts
 
