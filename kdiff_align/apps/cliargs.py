@@ -276,6 +276,12 @@ def sampler_mismatch(sampler, model: str, cfg: float) -> str | None:
             f"tune once per model and guidance scale (kdiff-align tune)")
 
 
+def warn_sampler_mismatch(args) -> None:
+    """Write ``sampler_mismatch``'s warning for ``args.sampler`` against ``--model`` and ``--cfg`` to stderr, if any."""
+    if warning := sampler_mismatch(args.sampler, args.model, args.cfg):
+        sys.stderr.write(warning + "\n")
+
+
 def model_spec(text: str) -> str:
     """``toy:NAME`` (fashion, digits, fashion_latent, mixture) or a local diffusers folder; ``toy`` is deprecated."""
     if text == "toy":

@@ -1,8 +1,6 @@
 """``kdiff-align demon``: a plain and a Demon image of one prompt, side by side, with the reward per step."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from ..align.demon import RewardDemon, plot_rewards, save_comparison
@@ -77,8 +75,7 @@ def cli_main(args) -> int:
     kind, arg = cliargs.reward_kind(spec)
     if kind == "classifier":
         cliargs.check_prompts([arg or args.prompt], args.model, "--reward classifier")
-    if warning := cliargs.sampler_mismatch(args.sampler, args.model, args.cfg):
-        print(warning, file=sys.stderr, flush=True)
+    cliargs.warn_sampler_mismatch(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_model(args.model, device, torch.float16 if args.fp16 else None)
     reward, label = RewardFactory(spec, pipe, args)(args.prompt), reward_label(spec, args.prompt)

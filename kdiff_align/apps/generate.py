@@ -379,8 +379,7 @@ def interrupted(args) -> str:
 def cli_main(args) -> int:
     import torch.distributed as dist
     check_args(args)
-    if warning := cliargs.sampler_mismatch(args.sampler, args.model, args.cfg):
-        print(warning, file=sys.stderr, flush=True)
+    cliargs.warn_sampler_mismatch(args)
     try:
         report = generate(args)
     finally:

@@ -66,8 +66,7 @@ def calibration_prompts(args) -> list[str]:
     against ``--calib`` (at least one noise per prompt)."""
     prompts = cliargs.prompts_of(args)
     if len(prompts) > args.calib:
-        raise ValueError(f"--calib: at least one calibration noise per prompt ({len(prompts)} in "
-                         f"{'--prompts' if args.prompts else '--prompt'}), "
+        raise ValueError(f"--calib: at least one calibration noise per prompt ({len(prompts)} in --prompts), "
                          f"got {args.calib}")
     return prompts
 

@@ -335,34 +335,35 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
     the held-out mean log error by 0.08, L-BFGS by 0.63. Every run counts toward ``iters``, line-search trials
     included; each but the last is followed by a backward pass, and a run whose error is not finite is shown
     to the line search as ``E2E_REJECT`` (with no gradient), so it shortens the step. An L-BFGS run that stops
-    early (no descent direction) is restarted from where it stopped. Of the runs, returns the options (``corrections``,
-    ``input_sigmas``) of the one with the least mean log error over the ``check`` items (the start included),
-    its samples, the backward calls made and the runs (each ``len(grid) − 1`` forward calls)."""
+    early (no descent direction) is restarted from where it stopped. Of the runs, returns the options
+    (``corrections``, ``input_sigmas``) of the one with the least mean log error over the ``check`` items (the
+    start included), its samples, the backward calls made and the runs (each ``len(grid) − 1`` forward calls)."""
     like = dict(dtype=x_T.dtype, device=x_T.device)
     u = torch.tensor([[w / c for w, c in zip(row, sc)] for row, sc in zip(weights, scales)], **like,
                      requires_grad=True)
     v = torch.zeros(len(weights), **like, requires_grad=True)
-    best, count = [math.inf, u.detach().clone(), v.detach().clone(), None], {"runs": 0, "backward": 0}
+    best, runs, backward = (math.inf, u.detach().clone(), v.detach().clone(), None), 0, 0
 
     def closure():
+        nonlocal best, runs, backward
         opt.zero_grad()
         out, _ = corrected_run(model, x_T, grid, method, extra_args, u, v, scales)
         log_error = item_errors(out, x0).clamp_min(1e-30).log()
         loss, held = log_error[fit].mean(), log_error[check].mean().item()
-        count["runs"] += 1
+        runs += 1
         finite = bool(torch.isfinite(loss)) and math.isfinite(held)
         if finite and held < best[0]:
-            best[:] = held, u.detach().clone(), v.detach().clone(), out.detach()
-        if count["runs"] == iters:
+            best = (held, u.detach().clone(), v.detach().clone(), out.detach())
+        if runs == iters:
             raise _Spent  # the last run's gradient would never be used
         if not finite:
             return loss.new_tensor(E2E_REJECT)
         loss.backward()
-        count["backward"] += len(grid) - 1
+        backward += len(grid) - 1
         return loss
 
     with torch.enable_grad():
-        while count["runs"] < iters:
+        while runs < iters:
             opt = torch.optim.LBFGS([u, v], max_iter=iters, history_size=E2E_HISTORY, tolerance_grad=0.0,
                                     tolerance_change=0.0, line_search_fn="strong_wolfe")
             try:
@@ -371,7 +372,7 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
                 break
     rows = [[w * c for w, c in zip(row, sc)] for row, sc in zip(best[1].tolist(), scales)]
     inputs = [s * math.exp(c) for s, c in zip(grid[:-1], best[2].tolist())]
-    return {"corrections": rows, "input_sigmas": inputs}, best[3], count["backward"], count["runs"]
+    return {"corrections": rows, "input_sigmas": inputs}, best[3], backward, runs
 
 
 def refine_grid(objective, grid: list[float], log_min: float, max_evals: int) -> tuple[list[float], float]:
