@@ -214,7 +214,7 @@ def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
 
 
-CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i")
+CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i", "D_i-2")  # D_{i−2} where the solver keeps it (all but dpmpp_2m)
 
 
 def check_corrections(corrections, steps: int) -> list[list[float]] | None:
@@ -241,8 +241,9 @@ def check_input_sigmas(input_sigmas, s: list[float]) -> list[float] | None:
 
 
 def correction_features(x: Tensor, Ds: list[Tensor]) -> tuple:
-    """The features f = (D_i, D_{i−1}, x_i) of the fitted per-step term; D_{i−1} is None on the first step."""
-    return Ds[0], Ds[1] if len(Ds) > 1 else None, x
+    """The features f = (D_i, D_{i−1}, x_i, D_{i−2}) of the fitted per-step term; a D not yet in the history (the
+    first steps; D_{i−2} of ``dpmpp_2m``, which keeps two) is None."""
+    return Ds[0], Ds[1] if len(Ds) > 1 else None, x, Ds[2] if len(Ds) > 2 else None
 
 
 def correction(weights: list[float], x: Tensor, Ds: list[Tensor]) -> Tensor | float:
@@ -358,7 +359,7 @@ def multistep_odeint(model, x: Tensor, sigmas: Tensor, method: str, *, extra_arg
             diffusers does (``default_lower_order_final``).
         sigma_steps: let the exponential integrators take uneven log-σ steps in σ (``sigma_step``);
             False extrapolates in log σ on every step, as diffusers' schedulers do.
-        corrections: per-step weights of D_i, D_{i−1}, x_i added to each step (fitted by ``tune_sampler``
+        corrections: per-step weights of D_i, D_{i−1}, x_i, D_{i−2} added to each step (fitted by ``tune_sampler``
             to one grid; ``CORRECTION_FEATURES``).
         input_sigmas: the σ passed to the network at each step instead of σ_i (decoupled time steps, LD3,
             Tong et al. 2024; fitted by ``tune_sampler`` to one grid); the solver still steps along ``sigmas``.

@@ -272,7 +272,7 @@ def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_ar
                     items: slice = slice(None), ridge: float = 1e-3) -> tuple[list[list[float]], Tensor]:
     """Per-step correction weights fitted to teacher states on ``grid`` (S4S-style, by least squares).
 
-    Step by step along the solver's own trajectory, the weights w_i of (D_i, D_{i−1}, x_i) minimise
+    Step by step along the solver's own trajectory, the weights w_i of (D_i, D_{i−1}, x_i, D_{i−2}) minimise
     ‖base step + Σ w·f − x*_{i+1}‖² + ridge·Σ w_k²·‖f_k‖² over the calibration batch, x* the teacher's
     state at σ_{i+1} (``targets``: those at ``grid[1:-1]``, then the final samples): each step pulls the
     trajectory back onto the teacher's, the last one onto its final sample. Only the calibration ``items``
@@ -284,7 +284,7 @@ def fit_corrections(model, x_T: Tensor, grid: list[float], method: str, extra_ar
         denoised = model(x, as_sigma(grid[i], x), **extra_args)
         x = solver.correct(x, i, denoised)
         base = solver.step(x, i, denoised)
-        present = [f for f in correction_features(x, solver.Ds) if f is not None]  # no D_{i−1} on the first step
+        present = [f for f in correction_features(x, solver.Ds) if f is not None]  # a D not yet in the history is None
         features = torch.stack([f[items].flatten().double() for f in present], 1)
         gram = features.T @ features
         gram += ridge * torch.diag(gram.diag().clamp_min(1e-300))
@@ -315,6 +315,7 @@ def corrected_run(model, x_T: Tensor, grid: list[float], method: str, extra_args
 E2E_HISTORY = 10  # the end-to-end fit's L-BFGS memory (pairs of past steps)
 E2E_EVALS = 200  # the end-to-end fit's default budget: runs × nfe (33 runs at 6 NFE, 20 at 10)
 E2E_REJECT = 1e10  # the loss a run with a non-finite error shows the line search (it then shortens the step)
+E2E_UNIT = 0.1  # the fit moves u / E2E_UNIT and v / E2E_UNIT, as L-BFGS's first step may move each by up to 1
 
 
 class _Spent(Exception):
@@ -334,26 +335,29 @@ def refine_corrections(model, x_T: Tensor, x0: Tensor, grid: list[float], method
     far more than the first's): in the same 30 runs on a 16-D Gaussian at 8 NFE, Adam at a fixed step lowered
     the held-out mean log error by 0.08, L-BFGS by 0.63. Every run counts toward ``iters``, line-search trials
     included; each but the last is followed by a backward pass, and a run whose error is not finite is shown
-    to the line search as ``E2E_REJECT`` (with no gradient), so it shortens the step. An L-BFGS run that stops
+    to the line search as ``E2E_REJECT`` (with no gradient), so it shortens the step. L-BFGS's first trial moves
+    each parameter by up to 1, which in the weights' own units overshot (``fashion`` with CFG 3 at 10 NFE: mean log
+    error −0.69, then 2.80, and two more runs to back off), so it works in units of ``E2E_UNIT``; the quasi-Newton
+    steps after it do not depend on the units. An L-BFGS run that stops
     early (no descent direction) is restarted from where it stopped. Of the runs, returns the options
     (``corrections``, ``input_sigmas``) of the one with the least mean log error over the ``check`` items (the
     start included), its samples, the backward calls made and the runs (each ``len(grid) − 1`` forward calls)."""
     like = dict(dtype=x_T.dtype, device=x_T.device)
-    u = torch.tensor([[w / c for w, c in zip(row, sc)] for row, sc in zip(weights, scales)], **like,
+    u = torch.tensor([[w / c / E2E_UNIT for w, c in zip(row, sc)] for row, sc in zip(weights, scales)], **like,
                      requires_grad=True)
     v = torch.zeros(len(weights), **like, requires_grad=True)
-    best, runs, backward = (math.inf, u.detach().clone(), v.detach().clone(), None), 0, 0
+    best, runs, backward = (math.inf, u.detach() * E2E_UNIT, v.detach() * E2E_UNIT, None), 0, 0
 
     def closure():
         nonlocal best, runs, backward
         opt.zero_grad()
-        out, _ = corrected_run(model, x_T, grid, method, extra_args, u, v, scales)
+        out, _ = corrected_run(model, x_T, grid, method, extra_args, u * E2E_UNIT, v * E2E_UNIT, scales)
         log_error = item_errors(out, x0).clamp_min(1e-30).log()
         loss, held = log_error[fit].mean(), log_error[check].mean().item()
         runs += 1
         finite = bool(torch.isfinite(loss)) and math.isfinite(held)
         if finite and held < best[0]:
-            best = (held, u.detach().clone(), v.detach().clone(), out.detach())
+            best = (held, u.detach() * E2E_UNIT, v.detach() * E2E_UNIT, out.detach())
         if runs == iters:
             raise _Spent  # the last run's gradient would never be used
         if not finite:
