@@ -390,8 +390,8 @@ def test_fitted_corrections_lower_the_held_out_error_and_survive_a_json_round_tr
 
 def test_the_d_i_minus_2_weight_acts_once_the_solver_keeps_it_and_three_weight_rows_still_load():
     """The fourth feature is D_{i−2}: its weight does nothing on the first two steps (not yet in the history) nor
-    with ``dpmpp_2m`` (which keeps two D), and moves the sample from the third step on; rows of three weights,
-    as saved before it, give the samples of rows ending in 0."""
+    with ``dpmpp_2m`` (which keeps two D below 15 steps), and moves the sample from the third step on; rows of
+    three weights, as saved before it, give the samples of rows ending in 0."""
     model, x = gaussian(4), noises(16, 4, 0)
     sigmas = ka.get_sigmas_karras(5, SIGMA_MIN, SIGMA_MAX).double()
     run = lambda method, rows: ka.odeint(model, x, sigmas, method=method, corrections=rows, disable=True)  # noqa: E731

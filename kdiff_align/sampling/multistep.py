@@ -214,7 +214,7 @@ def default_lower_order_final(method: str, n: int, ends_in_zero: bool) -> bool:
     return ends_in_zero and n < DIFFUSERS_LOWER_BELOW
 
 
-CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i", "D_i-2")  # D_{i−2} where the solver keeps it (all but dpmpp_2m)
+CORRECTION_FEATURES = ("D_i", "D_i-1", "x_i", "D_i-2")  # D_{i−2} where the solver keeps it (``correction_features``)
 
 
 def check_corrections(corrections, steps: int) -> list[list[float]] | None:
@@ -241,8 +241,8 @@ def check_input_sigmas(input_sigmas, s: list[float]) -> list[float] | None:
 
 
 def correction_features(x: Tensor, Ds: list[Tensor]) -> tuple:
-    """The features f = (D_i, D_{i−1}, x_i, D_{i−2}) of the fitted per-step term; a D not yet in the history (the
-    first steps; D_{i−2} of ``dpmpp_2m``, which keeps two) is None."""
+    """The features f = (D_i, D_{i−1}, x_i, D_{i−2}) of the fitted per-step term; a D not in the history is None
+    (on the first steps, and D_{i−2} with ``dpmpp_2m``, which keeps two D below 15 steps)."""
     return Ds[0], Ds[1] if len(Ds) > 1 else None, x, Ds[2] if len(Ds) > 2 else None
 
 
